@@ -1,0 +1,1 @@
+"""``tunesmith env`` and ``tunesmith models``."""

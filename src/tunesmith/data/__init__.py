@@ -1,0 +1,4 @@
+"""The data layer: readers → formats → validate → tokenize → batches.
+
+It knows nothing of training, evaluation or the CLI.
+"""

@@ -1,0 +1,54 @@
+"""The canonical record schema every reader normalises to.
+
+One closed vocabulary (TRL's dataset kinds), plain JSON-serialisable dicts so that the
+canonical JSONL written by ``tunesmith data convert`` is itself readable input:
+
+kind         keys                                        used by
+-----------  ------------------------------------------  -------------------------
+"text"       text: str                                   language modelling (all tokens train)
+"sft"        messages: [Message], tools?: [dict]         SFT (assistant tokens train)
+"preference" prompt: [Message], chosen: [Message],        DPO family, reward model
+             rejected: [Message], tools?: [dict]
+"unpaired"   prompt: [Message], completion: [Message],    KTO
+             label: bool, tools?: [dict]
+"prompt"     prompt: [Message], tools?: [dict]            online RL (GRPO): prompt only
+
+Message = {"role": "system"|"user"|"assistant"|"tool", "content": str,
+           "tool_calls"?: [{"type": "function", "function": {"name": str, "arguments": dict|str}}],
+           "name"?: str, "tool_call_id"?: str}
+
+Every record may also carry ``meta: dict`` holding source columns that have no place in
+the schema (kept so conversion is lossless). A prompt-completion source record becomes
+an "sft" record whose last message is the assistant completion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Record = dict[str, Any]
+Message = dict[str, Any]
+
+KINDS = ("text", "sft", "preference", "unpaired", "prompt")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def kind_of(record: Record) -> str:
+    """The kind of a canonical record (see module docstring)."""
+    if "text" in record:
+        return "text"
+    if "messages" in record:
+        return "sft"
+    if "chosen" in record and "rejected" in record:
+        return "preference"
+    if "label" in record and "completion" in record:
+        return "unpaired"
+    if "prompt" in record:
+        return "prompt"
+    raise ValueError(f"not a canonical record: keys {sorted(record)}")
+
+
+def message(role: str, content: str, **extra: Any) -> Message:
+    m: Message = {"role": role, "content": content}
+    m.update({k: v for k, v in extra.items() if v is not None})
+    return m

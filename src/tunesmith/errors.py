@@ -1,0 +1,31 @@
+"""The one exception type users see.
+
+Every problem the user can fix (bad record, wrong config key, missing file, impossible
+setting) is raised as a ``TunesmithError`` whose message is one sentence naming the
+culprit and the fix. The CLI prints that sentence and exits 1 — no traceback.
+"""
+
+
+class TunesmithError(Exception):
+    """A user-facing error: ``str(err)`` is the whole message."""
+
+
+class DataError(TunesmithError):
+    """A problem in an input data file, located as ``file:line:field: reason``.
+
+    ``line`` is the physical line (1-based) for JSONL/CSV and the record index
+    (0-based) for JSON and Parquet; ``field`` is a dotted path such as
+    ``messages.2.role`` or ``""`` when the problem is the whole record or file.
+    """
+
+    def __init__(self, file: str, line: int | None, field: str, reason: str):
+        self.file, self.line, self.field, self.reason = str(file), line, field, reason
+        super().__init__(self.location() + reason)
+
+    def location(self) -> str:
+        parts = [self.file]
+        if self.line is not None:
+            parts.append(str(self.line))
+        if self.field:
+            parts.append(self.field)
+        return ":".join(parts) + ": "
