@@ -26,6 +26,7 @@ def _register() -> None:
     # Sub-command modules register themselves on import; each owns one stage.
     from tunesmith.cli import data as _data  # noqa: F401
     from tunesmith.cli import system as _system  # noqa: F401
+    from tunesmith.cli import train as _train  # noqa: F401
 
     app.add_typer(_data.app, name="data")
 

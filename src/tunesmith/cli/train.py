@@ -1,0 +1,38 @@
+"""``tunesmith train CONFIG.yaml``: one run of any method, on the shared engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunesmith import console
+from tunesmith.cli import app
+
+EXAMPLE = """
+Example config (sft.yaml):
+
+    model: smollm2-135m-instruct      # or a local folder
+    method: sft
+    data: {train: data/train.jsonl, eval_split: 0.1, max_length: 512}
+    lora: {r: 8, alpha: 16, dropout: 0.05, target_modules: all-linear}
+    train: {epochs: 1, batch_size: 8, learning_rate: 2.0e-4}
+    output_dir: runs/sft-demo
+"""
+
+
+@app.command(help="Train a model from a run config (YAML)." + EXAMPLE.replace("\n", "\n\n"))
+def train(
+    config: Path = typer.Argument(..., help="run config YAML"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a field: key.sub=value (repeatable)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
+    force_resume: bool = typer.Option(False, "--force-resume", help="resume even if training-relevant config changed"),
+) -> None:
+    from tunesmith.config import dump_yaml, load_config
+
+    cfg = load_config(config, set_ or [])
+    console.info("resolved config:\n" + dump_yaml(cfg))
+    from tunesmith.train.recipe import run
+
+    run(cfg, resume=resume or force_resume, force_resume=force_resume)

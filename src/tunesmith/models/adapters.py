@@ -1,0 +1,58 @@
+"""Adapters (LoRA, rsLoRA, DoRA, QLoRA) attached through PEFT's own objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunesmith.errors import TunesmithError
+
+
+def check_qlora_supported() -> None:
+    """QLoRA needs bitsandbytes' 4-bit kernels, which run on CUDA. Called before any
+    weights load so the refusal costs nothing."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TunesmithError(
+            "lora.qlora needs a CUDA GPU: bitsandbytes' 4-bit NF4 kernels do not run on this CPU; "
+            "set `lora.qlora: false` for plain LoRA (at 135M-1B parameters it fits in RAM anyway)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TunesmithError("lora.qlora needs the bitsandbytes package; install it with `pip install bitsandbytes`")
+
+
+def quantization_config(compute_dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules, rslora: bool, dora: bool,
+                modules_to_save=None, quantized: bool = False, gradient_checkpointing: bool = False):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                     use_rslora=rslora, use_dora=dora, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise TunesmithError(f"lora.target_modules = {target_modules!r} does not fit this model ({e}); "
+                             f"use `all-linear` or names such as q_proj, v_proj") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting tied weights once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

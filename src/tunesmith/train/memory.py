@@ -1,0 +1,65 @@
+"""Memory estimate for one training step, printed before step 1 and used for the fit check.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", eq. 2): per layer s*b*h*(34 + 5*a*s/h) bytes at 16-bit, doubled for
+fp32; attention via SDPA avoids the 5*a*s/h score term, kept anyway as a safe margin.
+The LM head's logits (b*s*V fp32, plus the same again for log-softmax and its gradient)
+are added separately: at V=49,152, b=8, s=512 they alone are 3 x 0.8 GB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+    def lines(self) -> list[str]:
+        g = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
+        return [f"weights {g(self.weights)}", f"gradients {g(self.gradients)}", f"optimizer {g(self.optimizer)}",
+                f"activations {g(self.activations)}", f"logits {g(self.logits)}", f"total ≈ {g(self.total)}"]
+
+
+def estimate(*, total_params: int, trainable_params: int, weight_bytes: float, act_bytes: int,
+             layers: int, hidden: int, heads: int, vocab: int, batch: int, seq: int,
+             checkpointing: bool) -> MemoryEstimate:
+    """Bytes for weights (at ``weight_bytes`` per parameter: 4 fp32, 2 bf16, ~0.55 NF4),
+    fp32 gradients and AdamW state (2 fp32 moments) of the trainable parameters, and
+    activations of one micro-batch of ``batch`` x ``seq`` tokens."""
+    per_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden) * act_bytes / 2
+    # With checkpointing only each layer's input (s*b*h) is kept, plus one layer recomputed.
+    acts = layers * seq * batch * hidden * act_bytes + per_layer if checkpointing else layers * per_layer
+    logits = 3 * batch * seq * vocab * 4
+    return MemoryEstimate(weights=int(total_params * weight_bytes), gradients=trainable_params * 4,
+                          optimizer=trainable_params * 8, activations=int(acts), logits=logits)
+
+
+def available_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,39 @@
+"""Supervised fine-tuning: negative log-likelihood of the trained (assistant) tokens.
+
+The loss of one optimizer step is sum(NLL over trained tokens) / trained tokens of the
+whole step (the engine does the division), i.e. every trained token weighs the same
+whatever micro-batch or process it lands in — what TRL/transformers compute with
+``num_items_in_batch``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.data.batches import pack_batch, pad_batch
+
+
+def sft_loss(logps: torch.Tensor) -> torch.Tensor:
+    """logps (B,): per-sequence sums of log p over trained tokens → summed NLL (scalar)."""
+    return -logps.sum()
+
+
+class SFT:
+    def __init__(self, pad_id: int, packing: bool = False):
+        self.pad_id, self.packing = pad_id, packing
+
+    def collate(self, items: list) -> dict:
+        if self.packing:
+            batch = pack_batch(items, self.pad_id)
+            batch["real_tokens"] = sum(len(ex.input_ids) for pack in items for ex in pack)
+            return batch
+        return pad_batch(items, self.pad_id)
+
+    @staticmethod
+    def units(batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, module, batch: dict):
+        logps, _ = module(input_ids=batch["input_ids"], labels=batch["labels"],
+                          attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
+        return sft_loss(logps), {}

@@ -1,0 +1,260 @@
+"""The training recipe: validate → build model, tokenizer and data → report → train → save.
+
+    tunesmith train examples/sft-lora.yaml
+
+Reads top to bottom. Methods differ only in which records they accept, how they
+tokenize, and the object that collates and computes the loss (``build_method``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith import console, hardware
+from tunesmith.config import RunConfig, save_config
+from tunesmith.errors import TunesmithError
+
+# Keys that may change between a run and its --resume without altering training.
+RESUME_IGNORE = frozenset({"resume", "output_dir", "report_to", "train.save_steps", "train.save_total_limit",
+                           "train.eval_steps", "train.logging_steps", "train.threads", "data.eval"})
+
+METHOD_KINDS = {"sft": {"sft", "text"}}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _count(n: int) -> str:
+    """2_400_000 → '2.4M', 134_515_008 → '134.5M', 7_424 → '7.4K'."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.{1 if n >= 10 * div else 2}f}{unit}"
+    return str(n)
+
+
+def _as_list(x) -> list[str]:
+    return [] if x is None else [x] if isinstance(x, str) else list(x)
+
+
+@dataclass
+class Prepared:
+    train: list
+    eval: list
+    lengths: list[int]
+    dropped: int
+    truncated: int
+    trained_tokens: int
+
+
+def tokenize_sft(records: list[dict], tokenizer, cfg: RunConfig, what: str) -> tuple[list, int, int]:
+    from tunesmith.data.tokenize import tokenize_record
+
+    out, dropped, truncated = [], 0, 0
+    for i, r in enumerate(records):
+        ex = tokenize_record(r, tokenizer, max_length=cfg.data.max_length, train_on=cfg.data.train_on,
+                             on_overflow="drop")
+        if ex is None:
+            if cfg.data.on_overflow == "error":
+                raise TunesmithError(
+                    f"{what} record {i} would lose every trained token at data.max_length={cfg.data.max_length}; "
+                    f"raise data.max_length or set data.on_overflow: drop (`tunesmith data check` lists them all)")
+            dropped += 1
+            continue
+        truncated += ex.truncated
+        out.append(ex)
+    return out, dropped, truncated
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> Prepared:
+    from tunesmith.data.batches import pack_examples
+    from tunesmith.data.validate import load_records, split_records
+
+    kinds = METHOD_KINDS[cfg.method]
+    train_recs = load_records(_as_list(cfg.data.train), format=cfg.data.format, columns=cfg.data.columns, expect=kinds)
+    if cfg.data.eval:
+        eval_recs = load_records(_as_list(cfg.data.eval), format=cfg.data.format, columns=cfg.data.columns, expect=kinds)
+    elif cfg.data.eval_split > 0:
+        train_recs, eval_recs = split_records(train_recs, cfg.data.eval_split, cfg.train.seed)
+    else:
+        eval_recs = []
+    train, dropped, truncated = tokenize_sft(train_recs, tokenizer, cfg, "training")
+    evals, _, _ = tokenize_sft(eval_recs, tokenizer, cfg, "eval")
+    if cfg.data.packing:
+        train = pack_examples(train, cfg.data.max_length)
+        evals = pack_examples(evals, cfg.data.max_length) if evals else []
+        lengths = [sum(len(e.input_ids) for e in p) for p in train]
+    else:
+        lengths = [len(e.input_ids) for e in train]
+    trained = sum(e.n_trained for e in (x for p in train for x in (p if cfg.data.packing else [p])))
+    return Prepared(train, evals, lengths, dropped, truncated, trained)
+
+
+def build_method(cfg: RunConfig, tokenizer):
+    from tunesmith.train.methods.sft import SFT
+
+    if cfg.method == "sft":
+        return SFT(tokenizer.pad_token_id, packing=cfg.data.packing)
+    raise TunesmithError(f"method {cfg.method!r} is not available yet in this version; use method: sft")
+
+
+def processed_tokens(batch: dict) -> tuple[int, int]:
+    """(real tokens, processed tokens) of a batch: padding counts as processed only."""
+    ids = batch["input_ids"]
+    if "real_tokens" in batch:
+        return int(batch["real_tokens"]), ids.numel()
+    mask = batch.get("attention_mask")
+    real = int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()
+    return real, ids.numel()
+
+
+def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
+    """Train one run; returns the run manifest (also written to OUTPUT_DIR/run.json)."""
+    from accelerate import Accelerator
+
+    from tunesmith.models import load_model, load_tokenizer, resolve_model, weights_hash
+    from tunesmith.models.adapters import attach_lora, check_qlora_supported, count_parameters
+    from tunesmith.train import checkpoint as ckpt
+    from tunesmith.train import memory
+    from tunesmith.train.engine import LoopArgs, fit
+
+    started = time.time()
+    out = Path(cfg.output_dir)
+    resume = resume or cfg.resume is True or (cfg.resume == "auto" and ckpt.latest_checkpoint(out) is not None)
+    # --- validate before any weights load
+    if cfg.lora is not None and cfg.lora.qlora:
+        check_qlora_supported()
+    for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval):
+        if not Path(f).is_file():
+            raise TunesmithError(f"data file {f} does not exist" + (" (it is a folder)" if Path(f).is_dir() else "")
+                                 + "; check data.train / data.eval")
+    if not resume and (out / "final").exists():
+        raise TunesmithError(f"{out} already holds a finished run (final/); choose another output_dir, "
+                             f"delete it, or pass --resume")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world, is_main = accelerator.num_processes, accelerator.is_main_process
+    hw = hardware.detect()
+    threads = hardware.set_threads(cfg.train.threads or max(1, hardware.cpu_cores() // world))
+    dtype, dtype_why = hardware.choose_dtype(cfg.train.dtype, hw)
+    torch.manual_seed(cfg.train.seed)
+
+    # --- tokenizer and data (the data layer refuses malformed records here)
+    tokenizer = load_tokenizer(cfg.model)
+    from tunesmith.data.templates import ensure_chat_template
+
+    template_source = ensure_chat_template(tokenizer)
+    data = prepare_data(cfg, tokenizer)
+    if data.dropped and is_main:
+        console.warn(f"dropped {data.dropped} training records whose trained tokens would all be truncated "
+                     f"at max_length {cfg.data.max_length}")
+
+    # --- model (+ adapter)
+    quantized = cfg.lora is not None and cfg.lora.qlora
+    kwargs = {}
+    if quantized:
+        from tunesmith.models.adapters import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(dtype)
+    model = load_model(cfg.model, dtype=torch.float32 if not quantized else dtype,
+                       trust_remote_code=cfg.trust_remote_code, **kwargs)
+    model.config.use_cache = False
+    mc = model.config
+    gc_needed = False
+    if cfg.lora is not None:
+        model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                            target_modules=cfg.lora.target_modules, rslora=cfg.lora.rslora, dora=cfg.lora.dora,
+                            modules_to_save=cfg.lora.modules_to_save, quantized=quantized)
+    trainable, total = count_parameters(model)
+    act_bytes = 2 if dtype != torch.float32 else 4
+    est_args = dict(total_params=total, trainable_params=trainable, weight_bytes=0.55 if quantized else 4,
+                    act_bytes=act_bytes, layers=mc.num_hidden_layers, hidden=mc.hidden_size,
+                    heads=mc.num_attention_heads, vocab=mc.vocab_size, batch=cfg.train.batch_size,
+                    seq=cfg.data.max_length)
+    est = memory.estimate(**est_args, checkpointing=False)
+    limit = int(cfg.train.memory_limit_gib * 2**30) if cfg.train.memory_limit_gib else memory.available_bytes(hw.device)
+    limit //= (world if hw.device == "cpu" else 1)  # CPU processes share the host's RAM
+    if cfg.train.gradient_checkpointing is True:
+        gc_needed = True
+    elif cfg.train.gradient_checkpointing == "auto" and est.total > limit:
+        gc_needed = memory.estimate(**est_args, checkpointing=True).total <= limit
+    if gc_needed:
+        est = memory.estimate(**est_args, checkpointing=True)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if est.total > limit:
+        gib = lambda x: f"{x / 2**30:.1f} GiB"  # noqa: E731
+        hint = ("use LoRA instead (remove `full: true`; a rank-8 adapter trains ~1% of the weights)"
+                if cfg.lora is None else "lower train.batch_size or data.max_length")
+        raise TunesmithError(f"the estimated memory of a training step, {gib(est.total)}, exceeds the "
+                             f"{gib(limit)} available; {hint}")
+
+    # --- report what will happen
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    steps_per_epoch = len(data.train) // per_step
+    mean_len = sum(data.lengths) / max(1, len(data.lengths))
+    if is_main:
+        console.info(f"model {cfg.model} ({resolve_model(cfg.model)}), method {cfg.method}, "
+                     f"{'LoRA r=' + str(cfg.lora.r) if cfg.lora else 'full fine-tuning'}"
+                     f"{' + DoRA' if cfg.lora and cfg.lora.dora else ''}{' (QLoRA 4-bit base)' if quantized else ''}")
+        console.info(f"trainable {_count(trainable)} of {_count(total)} parameters, {100 * trainable / total:.2f}%")
+        console.info("estimated memory: " + ", ".join(est.lines()) + f" (available {limit / 2**30:.1f} GiB)"
+                     + (" — gradient checkpointing on" if gc_needed else ""))
+        console.info(f"dtype {str(dtype).removeprefix('torch.')}: {dtype_why}; threads {threads}; processes {world}")
+        console.info(f"data: {len(data.train)} {'packs' if cfg.data.packing else 'records'} train, "
+                     f"{len(data.eval)} eval; {data.truncated} truncated; {per_step} per step x ~{mean_len:.0f} tokens "
+                     f"= ~{per_step * mean_len:.0f} tokens/step; {steps_per_epoch} steps/epoch; "
+                     f"template {template_source}")
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    def save_final(final: Path) -> None:
+        with ckpt.atomic_dir(final) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "tunesmith_template.json").write_text(json.dumps(
+                {"chat_template_source": template_source, "chat_template": tokenizer.chat_template}))
+
+    args = LoopArgs(
+        output_dir=out, epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size,
+        grad_accum=cfg.train.grad_accum, learning_rate=cfg.train.learning_rate, lr_scheduler=cfg.train.lr_scheduler,
+        warmup_ratio=cfg.train.warmup_ratio, warmup_steps=cfg.train.warmup_steps,
+        weight_decay=cfg.train.weight_decay, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        eps=cfg.train.adam_epsilon, max_grad_norm=cfg.train.max_grad_norm, seed=cfg.train.seed,
+        save_steps=cfg.train.save_steps, save_total_limit=cfg.train.save_total_limit,
+        eval_steps=cfg.train.eval_steps, logging_steps=cfg.train.logging_steps,
+        max_nonfinite=cfg.train.max_nonfinite, autocast_dtype=dtype, group_by_length=cfg.data.group_by_length,
+        config=cfg.to_dict(), resume_ignore=RESUME_IGNORE, force_resume=force_resume,
+        report_to=tuple(cfg.report_to))
+    result = fit(model, build_method(cfg, tokenizer), data.train, data.eval, data.lengths, args,
+                 accelerator=accelerator, save_final=save_final, resume=resume, processed_tokens=processed_tokens)
+
+    manifest = {
+        "method": cfg.method, "base_model": cfg.model, "base_model_path": str(resolve_model(cfg.model)),
+        "base_model_weights_sha256": weights_hash(resolve_model(cfg.model)),
+        "adapter": cfg.lora is not None, "chat_template_source": template_source,
+        "data": {f: _sha256(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)},
+        "versions": hardware.library_versions(), "seed": cfg.train.seed,
+        "hardware": {"device": hw.device, "name": hw.device_name, "threads": threads, "processes": world},
+        "dtype": str(dtype).removeprefix("torch."),
+        "trainable_parameters": trainable, "total_parameters": total, "memory_estimate": est.to_dict(),
+        "start_time": started, "end_time": time.time(), "steps": result.step,
+        "skipped_nonfinite_steps": result.skipped_steps, "padding_efficiency": round(result.efficiency, 4),
+        "final_metrics": result.metrics, "stopped_by_signal": result.stopped_by_signal,
+        "final": str(out / "final") if not result.stopped_by_signal else None,
+    }
+    if is_main:
+        (out / "run.json").write_text(json.dumps(manifest, indent=2))
+        if not result.stopped_by_signal:
+            console.info(f"done: {result.step} steps; real/processed tokens {result.efficiency:.1%}; "
+                         f"final weights in {out / 'final'}")
+    accelerator.wait_for_everyone()
+    return manifest
