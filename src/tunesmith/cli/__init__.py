@@ -34,7 +34,10 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> None:
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False returns a command's `typer.Exit(code)` instead of exiting.
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except TunesmithError as err:
         if os.environ.get("TUNESMITH_DEBUG"):
             raise

@@ -1,5 +1,158 @@
-"""``tunesmith data check|convert|inspect`` (placeholder, being written)."""
+"""``tunesmith data check|convert|inspect``: look at a dataset before training on it.
+
+    tunesmith data check data/train.jsonl                       # formats, errors, duplicates
+    tunesmith data check data/train.jsonl --max-length 1024     # + token lengths (default model)
+    tunesmith data convert raw.json -o data/clean.jsonl --split 0.1
+    tunesmith data inspect data/clean-train.jsonl --index 3     # which tokens train
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
+from tunesmith import console
+from tunesmith.errors import TunesmithError
+
 app = typer.Typer(help="Check, convert and inspect datasets.", no_args_is_help=True)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_FORMAT_HELP = ("Skip detection and read every record as this format: alpaca, prompt_response, text, "
+                "openai_messages, sharegpt, preference, sharegpt_preference, unpaired, prompt_only, canonical.")
+_COLUMNS_HELP = ("Map unusual column names, e.g. 'prompt=q,response=a' (targets: prompt, response, "
+                 "instruction, input, output, system, messages, conversations, chosen, rejected, label, "
+                 "text, tools, history).")
+
+
+def _fail() -> None:
+    # SystemExit, not typer.Exit: the root app runs click with standalone_mode=False,
+    # which turns typer.Exit into a return value and would lose the exit code.
+    raise SystemExit(1)
+
+
+def _columns(spec: str | None) -> dict[str, str] | None:
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        name, sep, src = part.partition("=")
+        if not sep or not name.strip() or not src.strip():
+            raise TunesmithError(f"--columns: {part!r} is not NAME=COLUMN; write e.g. 'prompt=q,response=a'")
+        out[name.strip()] = src.strip()
+    return out
+
+
+def _tokenizer(model: str | None):
+    from tunesmith.models import load_tokenizer  # lazy: checking data needs no model
+
+    return load_tokenizer(model or DEFAULT_MODEL)
+
+
+@app.command()
+def check(
+    files: list[Path] = typer.Argument(..., help="Data files: .jsonl, .json, .csv or .parquet."),
+    model: str = typer.Option(None, "--model", help=f"Tokenizer for token statistics (default {DEFAULT_MODEL})."),
+    max_length: int = typer.Option(None, "--max-length", help="Count records and trained tokens cut at this "
+                                   "length (tokens). Token statistics run only with --model or --max-length."),
+    format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
+    columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON on stdout."),
+) -> None:
+    """Report records, format, kind, every problem as file:line:field, duplicates and token lengths.
+
+    Exit code 0 when no errors were found (warnings such as duplicates allowed), 1 otherwise.
+    """
+    from tunesmith.data.validate import check_files, render_report
+
+    if max_length is not None and max_length < 1:
+        raise TunesmithError(f"--max-length must be a positive number of tokens, got {max_length}")
+    tokenizer = _tokenizer(model) if (model or max_length) else None
+    report = check_files(files, format=format, columns=_columns(columns), tokenizer=tokenizer,
+                         max_length=max_length)
+    if as_json:
+        # markup/emoji off: record text such as "[b]" or ":smile:" must come out verbatim.
+        console.out.print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2),
+                          markup=False, highlight=False, emoji=False, soft_wrap=True)
+    else:
+        console.out.print(render_report(report))
+    if not report.ok:
+        _fail()
+
+
+def _split_paths(output: Path) -> tuple[Path, Path]:
+    return (output.with_name(f"{output.stem}-train{output.suffix}"),
+            output.with_name(f"{output.stem}-eval{output.suffix}"))
+
+
+@app.command()
+def convert(
+    file: Path = typer.Argument(..., help="Source data file: .jsonl, .json, .csv or .parquet."),
+    output: Path = typer.Option(..., "-o", "--output", help="Canonical JSONL to write (OUT.jsonl). With "
+                                "--split, writes OUT-train.jsonl and OUT-eval.jsonl beside it instead."),
+    split: float = typer.Option(None, "--split", help="Fraction held out for evaluation, e.g. 0.1."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the deterministic split."),
+    format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
+    columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+) -> None:
+    """Write the dataset in tunesmith's canonical JSONL (refuses if any record has a problem)."""
+    from tunesmith.data.validate import check_files, split_records, summarise, write_jsonl
+
+    if output.suffix != ".jsonl":
+        raise TunesmithError(f"--output {output} must end in .jsonl (canonical JSON Lines)")
+    outs = _split_paths(output) if split is not None else (output,)
+    for p in outs:
+        if p.exists() and not overwrite:
+            raise TunesmithError(f"{p} already exists; pass --overwrite to replace it")
+    report = check_files([file], format=format, columns=_columns(columns))
+    if not report.ok:
+        raise summarise(report.errors, [str(file)])
+    f = report.files[0]
+    records = [rec for _, rec in f.entries]
+    if f.duplicates:
+        console.warn(f"{file}: {len(f.duplicates)} duplicate record(s) kept; "
+                     f"`tunesmith data check {file}` lists them")
+    parts = split_records(records, split, seed) if split is not None else (records,)
+    for p, recs in zip(outs, parts):
+        write_jsonl(recs, p)
+        console.info(f"wrote {len(recs)} {f.kind} record(s) ({f.format} → canonical) to {p}")
+
+
+@app.command()
+def inspect(
+    file: Path = typer.Argument(..., help="Data file to read (any supported format)."),
+    index: int = typer.Option(0, "--index", help="0-based record number (not the line number)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model whose tokenizer and chat template to use."),
+    max_length: int = typer.Option(None, "--max-length", help="Truncate as training would (tokens)."),
+    format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
+    columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
+) -> None:
+    """Show one record tokenised: trained tokens coloured (or wrapped in [[ ]] when piped)."""
+    from tunesmith.data.schema import kind_of
+    from tunesmith.data.validate import load_records
+
+    records = load_records(file, format=format, columns=_columns(columns))
+    if not 0 <= index < len(records):
+        raise TunesmithError(f"--index {index} is out of range; {file} holds {len(records)} record(s) "
+                             f"(0 to {len(records) - 1})")
+    from tunesmith.data.inspect import render_tokens
+    from tunesmith.data.tokenize import tokenize_preference, tokenize_record
+
+    tokenizer = _tokenizer(model)
+    rec = records[index]
+    kind = kind_of(rec)
+    if kind == "preference":
+        pe = tokenize_preference(rec, tokenizer, max_length=max_length)
+        shown = [("chosen", pe.chosen), ("rejected", pe.rejected)]
+    else:
+        shown = [(kind, tokenize_record(rec, tokenizer, max_length=max_length))]
+    color = console.is_tty()
+    for name, ex in shown:
+        cut = f", truncated from {ex.n_tokens}" if ex.truncated else ""
+        console.info(f"{file} record {index} ({name}): {len(ex.input_ids)} tokens{cut}, {ex.n_trained} trained")
+        text = render_tokens(tokenizer, ex.input_ids, ex.labels, color=color)
+        # With colour the renderer returns rich markup; without, plain text with [[ ]].
+        console.out.print(text, markup=color, highlight=False, emoji=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +33,8 @@ def train(
     from tunesmith.config import dump_yaml, load_config
 
     cfg = load_config(config, set_ or [])
-    console.info("resolved config:\n" + dump_yaml(cfg))
+    if os.environ.get("RANK", "0") == "0":  # once, not per process under torchrun/accelerate
+        console.info("resolved config:\n" + dump_yaml(cfg))
     from tunesmith.train.recipe import run
 
     run(cfg, resume=resume or force_resume, force_resume=force_resume)

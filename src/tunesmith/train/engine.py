@@ -82,10 +82,11 @@ class FitResult:
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
-    """Multiplier of the peak LR at optimizer step s: linear warmup, then cosine/linear/flat."""
+    """Multiplier of the peak LR at optimizer step s: linear warmup from 0, then
+    cosine/linear/flat — the same curves as transformers' get_*_schedule_with_warmup."""
     def f(s: int) -> float:
         if s < warmup:
-            return (s + 1) / (warmup + 1)
+            return s / warmup
         if kind == "constant":
             return 1.0
         progress = min(1.0, (s - warmup) / max(1, total - warmup))
@@ -268,6 +269,12 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
     real_total = processed_total = 0
     last_metrics: dict[str, float] = {}
     stopped = False
+    if eval_items and step == 0 and args.eval_steps > 0:
+        # The baseline every later eval_loss is compared with (step 0 = before training).
+        ev = evaluate(module, method, eval_items, args.batch_size, accelerator, autocast)
+        log({"step": 0, **ev})
+        if is_main:
+            console.info("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     progress = _progress(is_main, total, step)
     with _Stop() as stop, progress:
         while step < total:

@@ -168,6 +168,13 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     model = load_model(cfg.model, dtype=torch.float32 if not quantized else dtype,
                        trust_remote_code=cfg.trust_remote_code, **kwargs)
     model.config.use_cache = False
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # ensure_chat_template added ChatML tokens to a template-less tokenizer (as TRL's
+        # setup_chat_format does): their embeddings start untrained.
+        model.resize_token_embeddings(len(tokenizer))
+        if is_main:
+            console.warn(f"added {template_source} special tokens: embeddings resized to {len(tokenizer)}; "
+                         f"with LoRA set `lora.modules_to_save: [embed_tokens, lm_head]` so they train")
     mc = model.config
     gc_needed = False
     if cfg.lora is not None:

