@@ -265,3 +265,23 @@ def test_cli_bad_config_is_one_sentence(tmp_path):
     p = _cli(["train", str(bad)])
     assert p.returncode == 1
     assert "did you mean `learning_rate`" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_dora_and_rslora_train_their_own_parameters(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, lora__dora=True, lora__rslora=True, train__max_steps=3)
+    run(cfg)
+    final = Path(cfg.output_dir) / "final"
+    adapter_cfg = json.loads((final / "adapter_config.json").read_text())
+    assert adapter_cfg["use_dora"] and adapter_cfg["use_rslora"]
+    keys = load_file(final / "adapter_model.safetensors").keys()
+    assert any("lora_magnitude_vector" in k for k in keys)
+
+
+def test_unknown_tracker_and_missing_tensorboard_are_refused(tmp_path, tiny_model_dir):
+    import importlib.util
+
+    with pytest.raises(TunesmithError, match="report_to"):
+        make_cfg(tmp_path, tiny_model_dir, report_to=["wandb2"])
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(TunesmithError, match="pip install tensorboard"):
+            run(make_cfg(tmp_path, tiny_model_dir, report_to=["tensorboard"]))

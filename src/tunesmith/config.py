@@ -100,7 +100,7 @@ class RunConfig(_Section):
     preference: Optional[PreferenceConfig] = None
     init_from: Optional[str] = Field(None, description="an earlier run's final/ folder to start from")
     output_dir: str = Field("runs/run", description="run folder: config, metrics, checkpoints, final/")
-    report_to: list[str] = Field(default_factory=list, description="extra trackers: tensorboard")
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list, description="extra trackers: tensorboard")
     resume: Union[bool, Literal["auto"]] = Field(False, description="continue from the newest complete checkpoint")
     trust_remote_code: bool = Field(False, description="allow model code from the model folder")
 

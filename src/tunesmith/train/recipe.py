@@ -138,6 +138,12 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
         if not Path(f).is_file():
             raise TunesmithError(f"data file {f} does not exist" + (" (it is a folder)" if Path(f).is_dir() else "")
                                  + "; check data.train / data.eval")
+    if "tensorboard" in cfg.report_to:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise TunesmithError("report_to: tensorboard needs the tensorboard package; "
+                                 "`pip install tensorboard`, or remove it from report_to")
     if not resume and (out / "final").exists():
         raise TunesmithError(f"{out} already holds a finished run (final/); choose another output_dir, "
                              f"delete it, or pass --resume")

