@@ -4,7 +4,9 @@ Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation i
 Transformer Models", eq. 2): per layer s*b*h*(34 + 5*a*s/h) bytes at 16-bit, doubled for
 fp32; attention via SDPA avoids the 5*a*s/h score term, kept anyway as a safe margin.
 The LM head's logits (b*s*V fp32, plus the same again for log-softmax and its gradient)
-are added separately: at V=49,152, b=8, s=512 they alone are 3 x 0.8 GB.
+are added separately as an upper bound: at V=49,152, b=8, s=512 that is 3 x 0.8 GB, but
+train/forward.py runs the head on trained tokens only, so the real figure is that times
+the trained fraction.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class MemoryEstimate:
     def lines(self) -> list[str]:
         g = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
         return [f"weights {g(self.weights)}", f"gradients {g(self.gradients)}", f"optimizer {g(self.optimizer)}",
-                f"activations {g(self.activations)}", f"logits {g(self.logits)}", f"total ≈ {g(self.total)}"]
+                f"activations {g(self.activations)}", f"logits ≤ {g(self.logits)}", f"total ≈ {g(self.total)}"]
 
 
 def estimate(*, total_params: int, trainable_params: int, weight_bytes: float, act_bytes: int,
