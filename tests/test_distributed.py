@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 
 from test_train_sft import train_losses, write_sft_data
-from tiny import make_model, make_tokenizer
+from tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
-    tok = make_tokenizer("chatml")
-    make_model(tok).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", head_scale=1.0)
     write_sft_data(tmp_path / "train.jsonl")
     base = ("model: model\ndata: {train: train.jsonl, max_length: 256, group_by_length: false}\n"
             "lora: {r: 4, alpha: 8, dropout: 0.0}\n"

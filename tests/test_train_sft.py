@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import make_model, make_tokenizer
+from tiny import save_tiny_model
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.train.recipe import run
@@ -34,16 +34,7 @@ def write_sft_data(path: Path, n: int = 48, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer("chatml")
-    model = make_model(tok, layers=2, hidden=32)
-    # A random init's logits are nearly flat (std-0.02 head: logit std ~0.1), so a LoRA
-    # on the linear layers alone could barely move them; a wider head makes it learnable.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(25)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), layers=2, hidden=32)
 
 
 def make_cfg(tmp_path: Path, model_dir: Path, **over):

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import make_model, make_tokenizer
+from tiny import save_tiny_model
 from tunesmith.config import load_config
 
 trl = pytest.importorskip("trl")
@@ -58,15 +58,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-parity-model")
-    tok = make_tokenizer("chatml")
-    model = make_model(tok, layers=2, hidden=32)
-    # a wider head (as test_train_sft) so the loss moves visibly in a few steps
-    with torch.no_grad():
-        model.lm_head.weight.mul_(25)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-parity-model"), layers=2, hidden=32)
 
 
 def conversational(prompt: str, completion: str) -> dict:

@@ -361,3 +361,18 @@ def make_model(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.float().eval()
+
+
+def save_tiny_model(folder, template: str = "chatml", head_scale: float = 25.0, **kw):
+    """Save a tiny model + tokenizer as a Hugging Face folder tunesmith can load as `model:`.
+
+    A random init's logits are nearly flat (std-0.02 head: logit std ~0.1), so a LoRA on
+    the linear layers alone could barely move them; ``head_scale`` widens the head so a
+    few steps visibly lower the loss."""
+    tok = make_tokenizer(template)
+    model = make_model(tok, **kw)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
