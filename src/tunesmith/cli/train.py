@@ -23,7 +23,7 @@ Example config (sft.yaml):
 """
 
 
-@app.command(help="Train a model from a run config (YAML)." + EXAMPLE.replace("\n", "\n\n"))
+@app.command(help="Train a model from a run config (YAML).", epilog=EXAMPLE.replace("\n    ", "\n\n    "))
 def train(
     config: Path = typer.Argument(..., help="run config YAML"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a field: key.sub=value (repeatable)"),
