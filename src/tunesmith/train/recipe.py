@@ -24,7 +24,9 @@ from tunesmith.errors import TunesmithError
 RESUME_IGNORE = frozenset({"resume", "output_dir", "report_to", "train.save_steps", "train.save_total_limit",
                            "train.eval_steps", "train.logging_steps", "train.threads", "data.eval"})
 
-METHOD_KINDS = {"sft": {"sft", "text"}}
+METHOD_KINDS = {"sft": {"sft", "text"}, "dpo": {"preference"}, "ipo": {"preference"}, "simpo": {"preference"},
+                "orpo": {"preference"}}
+PAIRWISE = ("dpo", "ipo", "simpo", "orpo")
 
 
 def _sha256(path: str) -> str:
@@ -57,13 +59,17 @@ class Prepared:
     trained_tokens: int
 
 
-def tokenize_sft(records: list[dict], tokenizer, cfg: RunConfig, what: str) -> tuple[list, int, int]:
-    from tunesmith.data.tokenize import tokenize_record
+def tokenize_all(records: list[dict], tokenizer, cfg: RunConfig, what: str) -> tuple[list, int, int]:
+    """Tokenize with the data layer's masking contract; pairs for preference methods."""
+    from tunesmith.data.tokenize import tokenize_preference, tokenize_record
 
     out, dropped, truncated = [], 0, 0
     for i, r in enumerate(records):
-        ex = tokenize_record(r, tokenizer, max_length=cfg.data.max_length, train_on=cfg.data.train_on,
-                             on_overflow="drop")
+        if cfg.method in PAIRWISE:
+            ex = tokenize_preference(r, tokenizer, max_length=cfg.data.max_length, on_overflow="drop")
+        else:
+            ex = tokenize_record(r, tokenizer, max_length=cfg.data.max_length, train_on=cfg.data.train_on,
+                                 on_overflow="drop")
         if ex is None:
             if cfg.data.on_overflow == "error":
                 raise TunesmithError(
@@ -71,7 +77,7 @@ def tokenize_sft(records: list[dict], tokenizer, cfg: RunConfig, what: str) -> t
                     f"raise data.max_length or set data.on_overflow: drop (`tunesmith data check` lists them all)")
             dropped += 1
             continue
-        truncated += ex.truncated
+        truncated += ex.chosen.truncated or ex.rejected.truncated if cfg.method in PAIRWISE else ex.truncated
         out.append(ex)
     return out, dropped, truncated
 
@@ -88,8 +94,14 @@ def prepare_data(cfg: RunConfig, tokenizer) -> Prepared:
         train_recs, eval_recs = split_records(train_recs, cfg.data.eval_split, cfg.train.seed)
     else:
         eval_recs = []
-    train, dropped, truncated = tokenize_sft(train_recs, tokenizer, cfg, "training")
-    evals, _, _ = tokenize_sft(eval_recs, tokenizer, cfg, "eval")
+    train, dropped, truncated = tokenize_all(train_recs, tokenizer, cfg, "training")
+    evals, _, _ = tokenize_all(eval_recs, tokenizer, cfg, "eval")
+    if cfg.method in PAIRWISE:
+        if cfg.data.packing:
+            raise TunesmithError("data.packing applies to sft only; remove it for preference methods")
+        lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train]
+        trained = sum(p.chosen.n_trained + p.rejected.n_trained for p in train)
+        return Prepared(train, evals, lengths, dropped, truncated, trained)
     if cfg.data.packing:
         train = pack_examples(train, cfg.data.max_length)
         evals = pack_examples(evals, cfg.data.max_length) if evals else []
@@ -100,12 +112,40 @@ def prepare_data(cfg: RunConfig, tokenizer) -> Prepared:
     return Prepared(train, evals, lengths, dropped, truncated, trained)
 
 
-def build_method(cfg: RunConfig, tokenizer):
+def build_method(cfg: RunConfig, tokenizer, ref_model=None):
+    from tunesmith.train.methods.preference import Preference
     from tunesmith.train.methods.sft import SFT
 
     if cfg.method == "sft":
         return SFT(tokenizer.pad_token_id, packing=cfg.data.packing)
-    raise TunesmithError(f"method {cfg.method!r} is not available yet in this version; use method: sft")
+    if cfg.method in PAIRWISE:
+        p = cfg.preference
+        loss_type = p.loss_type if cfg.method == "dpo" else cfg.method
+        if cfg.method == "dpo" and loss_type not in ("sigmoid", "hinge", "ipo", "robust"):
+            raise TunesmithError(f"preference.loss_type = {loss_type!r} is not a DPO variant; use sigmoid, hinge, "
+                                 f"ipo or robust (or method: simpo / orpo)")
+        return Preference(tokenizer.pad_token_id, loss_type=loss_type, beta=p.beta,
+                          label_smoothing=p.label_smoothing, simpo_gamma=p.simpo_gamma, sft_weight=p.sft_weight,
+                          ref_model=ref_model)
+    raise TunesmithError(f"method {cfg.method!r} is not available yet in this version; "
+                         f"use sft, dpo, ipo, simpo or orpo")
+
+
+def load_init(model, init_from: str):
+    """Start from an earlier run's final/: an adapter is merged into the base (the new
+    adapter then trains on top, and disabling it gives the SFT model as reference); a
+    full-weights folder replaces the base."""
+    from peft import PeftModel
+
+    from tunesmith.models import load_model
+
+    p = Path(init_from)
+    if (p / "adapter_config.json").exists():
+        return PeftModel.from_pretrained(model, p).merge_and_unload()
+    if (p / "config.json").exists():
+        return load_model(str(p))
+    raise TunesmithError(f"init_from: {p} holds neither an adapter (adapter_config.json) nor model weights "
+                         f"(config.json); point it at an earlier run's final/ folder")
 
 
 def processed_tokens(batch: dict) -> tuple[int, int]:
@@ -173,6 +213,8 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
         kwargs["quantization_config"] = quantization_config(dtype)
     model = load_model(cfg.model, dtype=torch.float32 if not quantized else dtype,
                        trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if cfg.init_from:
+        model = load_init(model, cfg.init_from)
     model.config.use_cache = False
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # ensure_chat_template added ChatML tokens to a template-less tokenizer (as TRL's
@@ -187,6 +229,14 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
         model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                             target_modules=cfg.lora.target_modules, rslora=cfg.lora.rslora, dora=cfg.lora.dora,
                             modules_to_save=cfg.lora.modules_to_save, quantized=quantized)
+    ref_model = None
+    if cfg.method in PAIRWISE and cfg.lora is None and cfg.method not in ("simpo", "orpo"):
+        import copy
+
+        from tunesmith.train.forward import SequenceLogProbs
+
+        # Full fine-tuning: a frozen copy is the reference (an adapter run disables its adapter instead).
+        ref_model = SequenceLogProbs(copy.deepcopy(model).requires_grad_(False).eval())
     trainable, total = count_parameters(model)
     act_bytes = 2 if dtype != torch.float32 else 4
     est_args = dict(total_params=total, trainable_params=trainable, weight_bytes=0.55 if quantized else 4,
@@ -247,7 +297,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
         max_nonfinite=cfg.train.max_nonfinite, autocast_dtype=dtype, group_by_length=cfg.data.group_by_length,
         config=cfg.to_dict(), resume_ignore=RESUME_IGNORE, force_resume=force_resume,
         report_to=tuple(cfg.report_to))
-    result = fit(model, build_method(cfg, tokenizer), data.train, data.eval, data.lengths, args,
+    result = fit(model, build_method(cfg, tokenizer, ref_model), data.train, data.eval, data.lengths, args,
                  accelerator=accelerator, save_final=save_final, resume=resume, processed_tokens=processed_tokens)
 
     manifest = {
