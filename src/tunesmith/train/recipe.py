@@ -8,7 +8,6 @@ tokenize, and the object that collates and computes the loss (``build_method``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,14 +26,6 @@ RESUME_IGNORE = frozenset({"resume", "output_dir", "report_to", "train.save_step
 METHOD_KINDS = {"sft": {"sft", "text"}, "dpo": {"preference"}, "ipo": {"preference"}, "simpo": {"preference"},
                 "orpo": {"preference"}}
 PAIRWISE = ("dpo", "ipo", "simpo", "orpo")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _count(n: int) -> str:
@@ -304,7 +295,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
         "method": cfg.method, "base_model": cfg.model, "base_model_path": str(resolve_model(cfg.model)),
         "base_model_weights_sha256": weights_hash(resolve_model(cfg.model)),
         "adapter": cfg.lora is not None, "chat_template_source": template_source,
-        "data": {f: _sha256(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)},
+        "data": {f: ckpt.sha256_file(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)},
         "versions": hardware.library_versions(), "seed": cfg.train.seed,
         "hardware": {"device": hw.device, "name": hw.device_name, "threads": threads, "processes": world},
         "dtype": str(dtype).removeprefix("torch."),
