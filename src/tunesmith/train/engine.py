@@ -218,7 +218,7 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
         if not complete:
             raise TunesmithError(f"--resume: no complete checkpoint in {out}; start the run without --resume")
         c = ckpt.load_checkpoint(complete[-1])
-        changed = [k for k in ckpt.config_diff(c.config, args.config, set(args.resume_ignore))]
+        changed = ckpt.config_diff(c.config, args.config, set(args.resume_ignore))
         if changed and not args.force_resume:
             raise TunesmithError(
                 f"--resume: the config changed since {complete[-1].name} in keys that alter training "

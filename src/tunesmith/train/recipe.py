@@ -186,6 +186,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     torch.manual_seed(cfg.train.seed)
 
     # --- tokenizer and data (the data layer refuses malformed records here)
+    model_dir = resolve_model(cfg.model)  # converts the embedded model once, if needed
     tokenizer = load_tokenizer(cfg.model)
     from tunesmith.data.templates import ensure_chat_template
 
@@ -221,7 +222,9 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
                             target_modules=cfg.lora.target_modules, rslora=cfg.lora.rslora, dora=cfg.lora.dora,
                             modules_to_save=cfg.lora.modules_to_save, quantized=quantized)
     ref_model = None
-    if cfg.method in PAIRWISE and cfg.lora is None and cfg.method not in ("simpo", "orpo"):
+    from tunesmith.train.methods.losses import REFERENCE_FREE
+
+    if cfg.method in PAIRWISE and cfg.lora is None and cfg.method not in REFERENCE_FREE:
         import copy
 
         from tunesmith.train.forward import SequenceLogProbs
@@ -256,7 +259,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     steps_per_epoch = len(data.train) // per_step
     mean_len = sum(data.lengths) / max(1, len(data.lengths))
     if is_main:
-        console.info(f"model {cfg.model} ({resolve_model(cfg.model)}), method {cfg.method}, "
+        console.info(f"model {cfg.model} ({model_dir}), method {cfg.method}, "
                      f"{'LoRA r=' + str(cfg.lora.r) if cfg.lora else 'full fine-tuning'}"
                      f"{' + DoRA' if cfg.lora and cfg.lora.dora else ''}{' (QLoRA 4-bit base)' if quantized else ''}")
         console.info(f"trainable {_count(trainable)} of {_count(total)} parameters, {100 * trainable / total:.2f}%")
@@ -292,8 +295,8 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
                  accelerator=accelerator, save_final=save_final, resume=resume, processed_tokens=processed_tokens)
 
     manifest = {
-        "method": cfg.method, "base_model": cfg.model, "base_model_path": str(resolve_model(cfg.model)),
-        "base_model_weights_sha256": weights_hash(resolve_model(cfg.model)),
+        "method": cfg.method, "base_model": cfg.model, "base_model_path": str(model_dir),
+        "base_model_weights_sha256": weights_hash(model_dir),
         "adapter": cfg.lora is not None, "chat_template_source": template_source,
         "data": {f: ckpt.sha256_file(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)},
         "versions": hardware.library_versions(), "seed": cfg.train.seed,
