@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.data.validate import check_file, check_files, load_records, split_records, token_stats, write_jsonl
+from tunesmith.data.validate import check_file, check_files, load_records, split_records, write_jsonl
 from tunesmith.errors import DataError, TunesmithError
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -66,12 +66,16 @@ class FakeEx(SimpleNamespace):
 
 
 def fake_tokenize(record, tokenizer, *, max_length=None, **_):
-    # One token per character of the assistant text, after a 4-token prompt.
+    # One token per character of the assistant text, after a 4-token prompt; cut from the right.
     text = "".join(m["content"] for m in record.get("messages", []) if m["role"] == "assistant")
     ids = list(range(4 + len(text)))
     labels = [-100] * 4 + ids[4:]
-    return FakeEx(input_ids=ids, labels=labels, n_tokens=len(ids), n_trained=len(text),
-                  n_trained_full=len(text), truncated=False)
+    kept = labels[:max_length] if max_length else labels
+    trained = sum(x != -100 for x in kept)
+    if text and not trained:
+        return None  # on_overflow="drop": every trained token cut
+    return FakeEx(input_ids=ids[:len(kept)], labels=kept, n_tokens=len(ids), n_trained=trained,
+                  n_trained_full=len(text), truncated=len(kept) < len(ids))
 
 
 def test_token_stats_count_truncation_cost(tmp_path, monkeypatch):

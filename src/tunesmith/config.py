@@ -90,6 +90,28 @@ class PreferenceConfig(_Section):
     undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable examples")
 
 
+class RewardConfig(_Section):
+    center_coefficient: float = Field(0.0, ge=0.0, description="weight of mean((r_chosen + r_rejected)^2), keeping rewards centred at 0 (TRL's center_rewards_coefficient; 0.01 is typical)")
+    margin: float = Field(0.0, description="required reward margin: loss = -log sigmoid(r_chosen - r_rejected - margin)")
+
+
+class GRPOConfig(_Section):
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt (the group size G)")
+    max_new_tokens: int = Field(64, gt=0, description="longest completion, in tokens")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="nucleus sampling mass")
+    beta: float = Field(0.04, ge=0.0, description="KL coefficient against the reference (0 = no reference pass)")
+    epsilon: float = Field(0.2, gt=0, description="clip range of the policy ratio (lower side)")
+    epsilon_high: Optional[float] = Field(None, gt=0, description="upper clip range (DAPO's clip-higher); default = epsilon")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dr_grpo", description="token aggregation: grpo (per-sequence mean), bnpo/dapo (token mean), dr_grpo (sum / (G*max_new_tokens))")
+    scale_rewards: bool = Field(False, description="divide advantages by the group's reward std (Dr. GRPO recommends off)")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps per generated batch (mu); > 1 uses the clipped ratio")
+    reward_funcs: list[str] = Field(description="`module:function` (prompts, completions → floats) or a reward model folder")
+    reward_weights: Optional[list[float]] = Field(None, description="weight of each reward; default 1.0 each")
+    log_completions: int = Field(2, ge=0, description="sampled completions written to completions.jsonl per logging step")
+
+
 class RunConfig(_Section):
     model: str = Field("smollm2-135m-instruct", description="local folder, cached hub id, or an embedded model name")
     method: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto", "reward", "grpo"] = Field("sft", description="training method")
@@ -98,6 +120,8 @@ class RunConfig(_Section):
     full: bool = Field(False, description="full fine-tuning (no adapter)")
     train: TrainConfig = Field(default_factory=TrainConfig)
     preference: Optional[PreferenceConfig] = None
+    reward: Optional[RewardConfig] = None
+    grpo: Optional[GRPOConfig] = None
     init_from: Optional[str] = Field(None, description="an earlier run's final/ folder to start from")
     output_dir: str = Field("runs/run", description="run folder: config, metrics, checkpoints, final/")
     report_to: list[Literal["tensorboard"]] = Field(default_factory=list, description="extra trackers: tensorboard")
@@ -120,6 +144,16 @@ class RunConfig(_Section):
                              "or give a `lora:` section")
         if self.method in ("dpo", "ipo", "simpo", "orpo", "kto") and self.preference is None:
             self.__dict__["preference"] = PreferenceConfig()
+        if self.method == "reward" and self.reward is None:
+            self.__dict__["reward"] = RewardConfig()
+        if self.method == "grpo":
+            if self.grpo is None:
+                raise ValueError("method grpo needs a `grpo:` section with at least `reward_funcs: [module:function "
+                                 "or a reward model folder]`")
+            w = self.grpo.reward_weights
+            if w is not None and len(w) != len(self.grpo.reward_funcs):
+                raise ValueError(f"grpo.reward_weights has {len(w)} values for {len(self.grpo.reward_funcs)} "
+                                 f"reward_funcs; give one weight per reward")
         return self
 
     def to_dict(self) -> dict:

@@ -25,6 +25,10 @@ app = typer.Typer(
 def _register() -> None:
     # Sub-command modules register themselves on import; each owns one stage.
     from tunesmith.cli import data as _data  # noqa: F401
+    from tunesmith.cli import evaluate as _evaluate  # noqa: F401
+    from tunesmith.cli import pipeline as _pipeline  # noqa: F401
+    from tunesmith.cli import score as _score  # noqa: F401
+    from tunesmith.cli import package as _package  # noqa: F401
     from tunesmith.cli import system as _system  # noqa: F401
     from tunesmith.cli import train as _train  # noqa: F401
 

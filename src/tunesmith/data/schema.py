@@ -52,3 +52,13 @@ def message(role: str, content: str, **extra: Any) -> Message:
     m: Message = {"role": role, "content": content}
     m.update({k: v for k, v in extra.items() if v is not None})
     return m
+
+
+def unpair(record: Record) -> list[Record]:
+    """A preference record → two "unpaired" records (chosen: label True, rejected: False),
+    so paired data can train KTO (as TRL's ``unpair_preference_dataset``)."""
+    if kind_of(record) != "preference":
+        return [record]
+    common = {k: v for k, v in record.items() if k not in ("chosen", "rejected")}
+    return [{**common, "completion": record["chosen"], "label": True},
+            {**common, "completion": record["rejected"], "label": False}]

@@ -93,6 +93,13 @@ class PreferenceExample:
     prompt_len: int  # the first prompt_len ids of chosen and rejected are the same prompt
 
 
+@dataclass
+class UnpairedExample:
+    completion: TokenizedExample  # prompt + completion, only the completion trains
+    prompt_len: int  # the first prompt_len ids are the (possibly left-truncated) prompt
+    desirable: bool
+
+
 # -- rendering -----------------------------------------------------------------------
 
 
@@ -318,6 +325,19 @@ def tokenize_preference(
     return PreferenceExample(chosen=exs[0], rejected=exs[1], prompt_len=len(kept))
 
 
+def tokenize_unpaired(
+    record: Record, tokenizer, *, max_length: int | None = None, on_overflow: str = "error"
+) -> UnpairedExample | None:
+    """An "unpaired" record (prompt, completion, label) → its example and prompt length,
+    for KTO (which pairs prompts with other records' completions for its KL estimate)."""
+    _check_options("assistant", on_overflow)
+    kept, exs = _prompt_responses(record["prompt"], [record["completion"]], tokenizer, record.get("tools"),
+                                  max_length, on_overflow)
+    if exs is None:
+        return None
+    return UnpairedExample(completion=exs[0], prompt_len=len(kept), desirable=bool(record["label"]))
+
+
 def tokenize_prompt(messages: list[Message], tokenizer, *, tools: list[dict] | None = None) -> list[int]:
     """Prompt ids ending with the generation prompt, for generation and GRPO."""
     msgs, tools = _prepare(messages, tools, tokenizer)
@@ -349,9 +369,8 @@ def tokenize_record(
             on_overflow=on_overflow,
         )
     if kind == "unpaired":
-        prompt, responses = record["prompt"], [record["completion"]]
-        _, exs = _prompt_responses(prompt, responses, tokenizer, tools, max_length, on_overflow)
-        return exs[0] if exs else None
+        ex = tokenize_unpaired(record, tokenizer, max_length=max_length, on_overflow=on_overflow)
+        return ex.completion if ex else None
     if kind == "prompt":
         msgs, tools = _prepare(record["prompt"], tools, tokenizer)
         _, ids, _ = _prompt_ids(tokenizer, msgs, tools)

@@ -31,7 +31,6 @@ from tunesmith.data.readers import SUFFIXES, RecordProblem, read_raw
 from tunesmith.data.schema import Record, kind_of
 from tunesmith.errors import DataError, TunesmithError
 
-IGNORE_INDEX = -100  # see data/tokenize.py for the label contract
 
 
 @dataclass
@@ -145,33 +144,40 @@ def check_files(paths: Iterable[str | Path], **kw: Any) -> Report:
     return Report([check_file(p, **kw) for p in paths])
 
 
-def token_stats(rep: FileReport, tokenizer, max_length: int | None) -> TokenStats:
-    """Token-length distribution and the cost of ``max_length``; template problems become errors."""
+def _tokenize(rec: Record, tokenizer, max_length: int | None) -> list | None:
+    """The record's sequences as training tokenizes them (None: all trained tokens cut)."""
     from tunesmith.data.tokenize import tokenize_preference, tokenize_record
 
+    if kind_of(rec) == "preference":
+        pe = tokenize_preference(rec, tokenizer, max_length=max_length, on_overflow="drop")
+        return None if pe is None else [pe.chosen, pe.rejected]
+    ex = tokenize_record(rec, tokenizer, max_length=max_length, on_overflow="drop")
+    return None if ex is None else [ex]
+
+
+def token_stats(rep: FileReport, tokenizer, max_length: int | None) -> TokenStats:
+    """Token-length distribution and the cost of ``max_length``; template problems become errors.
+
+    The cost is measured by tokenizing as training does: SFT loses tokens from the right,
+    preference and unpaired records lose prompt tokens from the left first."""
     st = TokenStats(max_length)
     lengths = []
     for line, rec in rep.entries:
-        kind = kind_of(rec)
-        try:  # untruncated, so the report sees what max_length would cost
-            if kind == "preference":
-                pe = tokenize_preference(rec, tokenizer)
-                exs = [pe.chosen, pe.rejected]
-            else:
-                exs = [tokenize_record(rec, tokenizer)]
+        try:  # untruncated first, so the report sees the full lengths
+            exs = _tokenize(rec, tokenizer, None)
+            cut = _tokenize(rec, tokenizer, max_length) if max_length is not None else exs
         except TunesmithError as e:
             rep.errors.append(RecordProblem(rep.file, line, "", str(e), "template"))
             continue
         n = max(ex.n_tokens for ex in exs)
         lengths.append(n)
         full = sum(ex.n_trained_full for ex in exs)
-        lost = 0
+        kept = 0 if cut is None else sum(ex.n_trained for ex in cut)
         if max_length is not None and n > max_length:
             st.truncated += 1
-            lost = sum(sum(1 for lab in ex.labels[max_length:] if lab != IGNORE_INDEX) for ex in exs)
         st.trained_tokens += full
-        st.trained_tokens_lost += lost
-        if kind != "prompt" and (full == 0 or full == lost):
+        st.trained_tokens_lost += full - kept
+        if kind_of(rec) != "prompt" and (full == 0 or cut is None):
             st.zero_trained.append(line)
             why = ("trains no tokens (no assistant content)" if full == 0 else
                    f"every trained token lies beyond max_length {max_length}; raise max_length or "

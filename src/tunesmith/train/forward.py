@@ -33,7 +33,9 @@ class SequenceLogProbs(nn.Module):
         super().__init__()
         self.model = model  # a transformers causal LM, possibly a PeftModel
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def token_logps(self, input_ids, labels, attention_mask=None, position_ids=None):
+        """(log p of each trained token (N,), its row (N,), mask (B, T-1)) — the LM head runs
+        on the N trained positions only."""
         lm = _causal_lm(self.model)
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False).last_hidden_state
@@ -42,7 +44,20 @@ class SequenceLogProbs(nn.Module):
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]
         selected = hidden[:, :-1][mask]                          # (N, H), N = trained tokens
         logits = lm.get_output_embeddings()(selected).float()    # (N, V) in fp32 for a stable softmax
-        token_logps = -F.cross_entropy(logits, targets[mask], reduction="none")  # (N,)
+        return -F.cross_entropy(logits, targets[mask], reduction="none"), rows, mask
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        token_logps, rows, mask = self.token_logps(input_ids, labels, attention_mask, position_ids)
         logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-        logps = logps.index_add(0, rows, token_logps)
-        return logps, mask.sum(dim=1)
+        return logps.index_add(0, rows, token_logps), mask.sum(dim=1)
+
+
+class TokenLogProbs(SequenceLogProbs):
+    """forward(...) → (log p per position (B, T-1) fp32, 0 where no label; mask (B, T-1)):
+    per-token values for GRPO's token-level ratio and KL."""
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        token_logps, _, mask = self.token_logps(input_ids, labels, attention_mask, position_ids)
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=input_ids.device)
+        out[mask] = token_logps
+        return out, mask

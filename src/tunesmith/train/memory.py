@@ -37,15 +37,16 @@ class MemoryEstimate:
 
 def estimate(*, total_params: int, trainable_params: int, weight_bytes: float, act_bytes: int,
              layers: int, hidden: int, heads: int, vocab: int, batch: int, seq: int,
-             checkpointing: bool) -> MemoryEstimate:
-    """Bytes for weights (at ``weight_bytes`` per parameter: 4 fp32, 2 bf16, ~0.55 NF4),
+             checkpointing: bool, ref_params: int = 0) -> MemoryEstimate:
+    """Bytes for weights (at ``weight_bytes`` per parameter: 4 fp32, 2 bf16, ~0.55 NF4;
+    ``ref_params`` for a frozen reference model kept beside the policy),
     fp32 gradients and AdamW state (2 fp32 moments) of the trainable parameters, and
     activations of one micro-batch of ``batch`` x ``seq`` tokens."""
     per_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden) * act_bytes / 2
     # With checkpointing only each layer's input (s*b*h) is kept, plus one layer recomputed.
     acts = layers * seq * batch * hidden * act_bytes + per_layer if checkpointing else layers * per_layer
     logits = 3 * batch * seq * vocab * 4
-    return MemoryEstimate(weights=int(total_params * weight_bytes), gradients=trainable_params * 4,
+    return MemoryEstimate(weights=int((total_params + ref_params) * weight_bytes), gradients=trainable_params * 4,
                           optimizer=trainable_params * 8, activations=int(acts), logits=logits)
 
 
@@ -65,3 +66,36 @@ def available_bytes(device: str) -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def reset_peak(device: str) -> None:
+    """Start measuring the peak memory of what follows (training steps, not model loading):
+    CUDA's allocator peak, or the process's peak RSS (Linux resets VmHWM via clear_refs)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then includes loading
+        pass
+
+
+def peak_bytes(device: str) -> tuple[int, str]:
+    """(peak bytes since ``reset_peak``, what was measured)."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda max allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "peak RSS"
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (whole process)"

@@ -193,6 +193,23 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     return losses, beta * r.detach()
 
 
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *, margin: float = 0.0,
+                       center_coefficient: float = 0.0) -> torch.Tensor:
+    """Reward-model pairwise loss (Bradley-Terry; Ouyang et al. 2022, eq. 1), per pair (B,):
+
+        -log σ(r_c - r_r - m) + c (r_c + r_r)²
+
+    Inputs (B,): scalar scores of the chosen and rejected sequences. ``margin`` m asks for
+    a gap (Llama 2's margin loss); ``center_coefficient`` c keeps rewards centred at 0
+    (Eisenstein et al. 2023). The mean over pairs equals TRL ``RewardTrainer``'s loss with
+    ``center_rewards_coefficient=c``.
+    """
+    losses = -F.logsigmoid(chosen_scores - rejected_scores - margin)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen_scores + rejected_scores) ** 2
+    return losses
+
+
 def nll_from_logps(logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Per-token NLL of each sequence, (B,): -logps / counts.
 

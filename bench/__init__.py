@@ -1,0 +1,1 @@
+"""Benchmarks of tunesmith against TRL and a plain PyTorch loop: ``python -m bench`` (see README.md)."""

@@ -1,0 +1,135 @@
+"""Ratios, targets and the rich tables of a benchmark run (pure functions of the results)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+TRL_BEST = ("trl-best", "trl-best-fp32")
+TUNESMITH = ("tunesmith", "tunesmith-fp32")
+
+
+def _rate(rows: list[dict], workload: str, dataset: str, runners: tuple[str, ...], key="trained_tokens_per_s"):
+    """(best rate, runner) among ``runners`` for one workload x dataset, or (None, None)."""
+    found = [(r[key], r["runner"]) for r in rows
+             if r["workload"] == workload and r["dataset"] == dataset and r["runner"] in runners
+             and r.get("ok") and r.get(key)]
+    return max(found) if found else (None, None)
+
+
+def add_ratios_and_mfu(rows: list[dict], peaks: dict | None) -> None:
+    """Per row: mfu (vs the peak of its compute dtype) and x_trl_default / x_trl_best / x_plain
+    (its trained tokens/s over theirs; a precompute row is set against trl-best-precompute)."""
+    for r in rows:
+        if not r.get("ok"):
+            continue
+        if peaks and r.get("flops"):
+            peak = peaks.get("bf16" if r.get("dtype") == "bfloat16" else "fp32")
+            r["achieved_tflops"] = round(r["flops"] / r["measured_s"] / 1e12, 4)
+            r["mfu"] = round(r["flops"] / r["measured_s"] / peak, 4) if peak else None
+            r["mfu_vs_fp32_peak"] = round(r["flops"] / r["measured_s"] / peaks["fp32"], 4) if peaks.get("fp32") else None
+        w, d, x = r["workload"], r["dataset"], r["trained_tokens_per_s"]
+        best = ("trl-best-precompute",) if r["runner"].endswith("precompute") else TRL_BEST
+        for col, runners in (("x_trl_default", ("trl-default",)), ("x_trl_best", best), ("x_plain", ("plain",))):
+            base, _ = _rate(rows, w, d, runners)
+            r[col] = round(x / base, 3) if base else None
+
+
+def targets(rows: list[dict], startup: dict | None) -> list[dict]:
+    """The issue's targets; tunesmith is taken at its faster dtype (auto or fp32)."""
+    out = []
+
+    def ratio(name, workload, dataset, ours, theirs, goal):
+        a, who = _rate(rows, workload, dataset, ours)
+        b, whom = _rate(rows, workload, dataset, theirs)
+        value = a / b if a and b else None
+        out.append({"target": name, "goal": f">= {goal}x", "value": value,
+                    "detail": f"{who} vs {whom}" if value is not None else "—",
+                    "pass": None if value is None else value >= goal})
+
+    for wl in ("sft-lora", "dpo-lora"):
+        ratio(f"{wl} uniform vs TRL default", wl, "uniform", TUNESMITH, ("trl-default",), 10.0)
+        ratio(f"{wl} uniform vs TRL best", wl, "uniform", TUNESMITH, TRL_BEST, 1.0)
+        ratio(f"{wl} uniform vs plain loop", wl, "uniform", TUNESMITH, ("plain",), 0.95)
+    ratio("sft-lora real (Alpaca) vs TRL best", "sft-lora", "real", TUNESMITH, TRL_BEST, 1.5)
+    # MFU of the faster tunesmith variant, against the peak of the dtype it computes in
+    _, fastest = _rate(rows, "sft-lora", "uniform", TUNESMITH)
+    mfu = next((r.get("mfu") for r in rows if r.get("ok") and r["workload"] == "sft-lora"
+                and r["dataset"] == "uniform" and r["runner"] == fastest), None)
+    out.append({"target": "sft-lora uniform MFU", "goal": ">= 50%", "value": mfu, "detail": fastest or "—",
+                "pass": None if mfu is None else mfu >= 0.5, "percent": True})
+    for ds in ("uniform", "real"):
+        ratio(f"dpo-lora {ds}: precompute_ref vs on-line reference", "dpo-lora", ds,
+              ("tunesmith-precompute",), ("tunesmith",), 1.25)
+    s = (startup or {}).get("to_first_step_s")
+    out.append({"target": "start-up to first step", "goal": "< 15 s", "value": s, "detail": "tunesmith train",
+                "pass": None if s is None else s < 15, "seconds": True})
+    return out
+
+
+def _f(x, fmt="{:.1f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def _x(x) -> str:
+    return "—" if x is None else f"{x:.2f}x"
+
+
+def training_table(rows: list[dict]) -> Table:
+    t = Table(title="training throughput (measured steps only; ratios = trained tokens/s over the baseline's)")
+    for col in ("workload", "data", "runner", "dtype", "ckpt", "steps", "tok/s", "trained tok/s", "pairs/s",
+                "step s", "pre-train s", "peak RSS GiB", "MFU", "x TRL def", "x TRL best", "x plain"):
+        t.add_column(col, justify="left" if col in ("workload", "data", "runner", "dtype") else "right")
+    for r in rows:
+        if not r.get("ok"):
+            status = "pending" if r.get("pending") else "failed"
+            t.add_row(r["workload"], r["dataset"], r["runner"], f"[yellow]{status}[/yellow]", *[""] * 12)
+            continue
+        t.add_row(r["workload"], r["dataset"], r["runner"], (r.get("dtype") or "").replace("bfloat16", "bf16")
+                  .replace("float32", "fp32"), "on" if r.get("gradient_checkpointing") is True else "off",
+                  str(r["measured_steps"]), _f(r["tokens_per_s"]), _f(r["trained_tokens_per_s"]),
+                  _f(r.get("pairs_per_s"), "{:.2f}"), _f(r["step_s_median"], "{:.2f}"), _f(r["pre_train_s"]),
+                  _f(r.get("peak_rss_gib"), "{:.2f}"), _f(100 * r["mfu"] if r.get("mfu") is not None else None,
+                                                         "{:.1f}%"),
+                  _x(r.get("x_trl_default")), _x(r.get("x_trl_best")), _x(r.get("x_plain")))
+    return t
+
+
+def failures(rows: list[dict]) -> list[str]:
+    return [f"{r['workload']}/{r['dataset']}/{r['runner']}: {'pending' if r.get('pending') else 'failed'}: "
+            f"{r.get('error')}" for r in rows if not r.get("ok")]
+
+
+def targets_table(items: list[dict]) -> Table:
+    t = Table(title="targets")
+    for col in ("target", "goal", "measured", "runners", "result"):
+        t.add_column(col)
+    for it in items:
+        v = it["value"]
+        shown = ("—" if v is None else f"{100 * v:.1f}%" if it.get("percent") else f"{v:.1f} s" if it.get("seconds")
+                 else f"{v:.2f}x")
+        res = "[dim]n/a[/dim]" if it["pass"] is None else "[green]PASS[/green]" if it["pass"] else "[red]FAIL[/red]"
+        t.add_row(it["target"], it["goal"], shown, it["detail"], res)
+    return t
+
+
+def extras_table(peaks: dict | None, gen: dict | None, startup: dict | None, compare: dict | None) -> Table:
+    t = Table(title="matmul peak, generation, start-up, compare")
+    t.add_column("row")
+    t.add_column("value", justify="right")
+    t.add_column("note")
+    if peaks:
+        for k in ("fp32", "bf16"):
+            if peaks.get(k):
+                t.add_row(f"matmul peak {k}", f"{peaks[k] / 1e9:.0f} GFLOP/s", "best of 5 torch.mm 2048^3")
+    for g in (gen or {}).get("rows", []):
+        t.add_row(f"generate batch {g['batch']} {g['dtype']}", f"{g['tokens_per_s']:.1f} tok/s",
+                  f"{g['new_tokens']} new tokens greedy, {g['seconds']:.2f} s")
+    if gen and not gen.get("ok", True):
+        t.add_row("generate", "failed", (gen.get("error") or "")[:80])
+    if startup:
+        t.add_row("start-up: data report line", _f(startup.get("to_train_start_s"), "{:.1f} s"), startup["command"])
+        t.add_row("start-up: first metrics line", _f(startup.get("to_first_step_s"), "{:.1f} s"),
+                  f"exit {startup['returncode']}")
+    if compare:
+        t.add_row("compare 3 models x 60 prompts", _f(compare.get("seconds"), "{:.1f} s"), compare["status"])
+    return t

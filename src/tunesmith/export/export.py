@@ -1,0 +1,254 @@
+"""``tunesmith export RUN --format adapter|merged``: a run's final weights as a folder that
+plain transformers/peft load, written atomically and verified in a fresh process.
+
+    tunesmith export runs/sft-demo --format merged -o exports/sft-demo
+
+Reads top to bottom: refuse what cannot be exported → load the run's model exactly as it
+was trained (fp32) → record reference logits for a fixed prompt → write weights,
+tokenizer, generation config, card and manifest into a temporary folder → verify it →
+rename it into place (``train.checkpoint.atomic_dir``), so a half-written or failing
+export never appears under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tunesmith import console
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.generation import EXPORT_MANIFEST, load_run_model, run_tokenizer
+from tunesmith.models.runs import Run, adapter_chain, base_folder, read_run, run_task
+
+FORMATS = ("adapter", "merged")
+FORMAT_VERSION = 1
+REFERENCE_FILE = "tunesmith_reference.safetensors"
+REFERENCE_PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
+# Reloading an export must give the logits it was exported with: fp32 on the same
+# machine reproduces them bit for bit (measured: 0), so 1e-4 only absorbs other kernels.
+ATOL = 1e-4
+# Merged vs adapter is a different sum (x·(W + s·BA) vs x·W + s·(x·A)·B), so the two
+# differ by fp32 rounding, which grows with the logits' size. On SmolLM2-135M (|logit|
+# up to 38) the fp32 adapter model itself is 7.5e-5 away from an fp64 forward and the
+# merged one 8.4e-5 from the adapter; a check of max |Δ| ≤ 1e-4 would fail bigger models
+# on rounding alone. So, torch.allclose-style: |Δ| ≤ 1e-4 + 4e-6·|logit| (4e-6 ≈ 32 fp32
+# ulps); a real error (wrong scale, missing layer) moves logits by > 1e-2.
+MERGE_ATOL, MERGE_RTOL = 1e-4, 4e-6
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _check_output(out: Path, run: Run, overwrite: bool) -> None:
+    o, rd = out.resolve(), run.dir.resolve()
+    if rd == o or o in rd.parents or o == run.final.resolve() or run.final.resolve() in o.parents:
+        raise TunesmithError(f"output folder {out} would replace or sit inside the run's own files; "
+                             f"choose a folder outside {run.final}, e.g. {run.dir / 'export'}")
+    if out.exists() and not out.is_dir():
+        raise TunesmithError(f"output {out} is a file; choose a folder name with -o")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise TunesmithError(f"output folder {out} exists and is not empty; choose another -o or pass --overwrite")
+
+
+def _check_format(run: Run, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise TunesmithError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
+    if fmt == "adapter" and not run.is_adapter:
+        raise TunesmithError(f"run {run.dir} is a full fine-tuning run and has no adapter; export it with "
+                             f"--format merged")
+    if fmt == "adapter" and run.init_is_adapter:
+        raise TunesmithError(f"run {run.dir}'s adapter was trained on top of the merged adapter {run.init_from}, "
+                             f"so on the plain base it is a different model; export it with --format merged")
+
+
+def adapter_base(run: Run) -> Path:
+    """The folder an exported adapter loads onto: the base, or the full weights it started from."""
+    return run.init_from if run.init_from is not None and not run.init_is_adapter else base_folder(run)
+
+
+def _check_base(run: Run, base: Path) -> str:
+    """The base's weights hash, refused when it differs from the one the run trained on."""
+    from tunesmith.models import weights_hash
+
+    got, want = weights_hash(base), run.manifest.get("base_model_weights_sha256")
+    if want and got != want:
+        raise TunesmithError(f"the base model at {base} is not the one run {run.dir} trained on (weights sha256 "
+                             f"{got[:12]}… ≠ {want[:12]}…); restore that base or retrain on this one")
+    return got
+
+
+def _check_adapter(run: Run, tokenizer, base: Path) -> None:
+    """Warn (or refuse) where an adapter will not load cleanly elsewhere."""
+    cfg = json.loads((run.final / "adapter_config.json").read_text())
+    if cfg.get("modules_to_save") or cfg.get("trainable_token_indices"):
+        console.warn(f"the adapter also trains whole modules ({cfg.get('modules_to_save') or 'token embeddings'}); "
+                     f"vLLM and similar servers reject such adapters: export with --format merged to serve it")
+    vocab = json.loads((base / "config.json").read_text()).get("vocab_size", len(tokenizer))
+    saves_embeddings = any("embed" in m for m in cfg.get("modules_to_save") or [])
+    if len(tokenizer) > vocab and not saves_embeddings:
+        raise TunesmithError(f"run {run.dir} added {len(tokenizer) - vocab} chat-template tokens to the vocabulary "
+                             f"but its adapter does not save their embeddings (lora.modules_to_save), so it cannot "
+                             f"be reloaded exactly; export it with --format merged")
+
+
+# ---------------------------------------------------------------- writers
+
+
+def _generation_config(model, tokenizer):
+    """The model's generation config, stopping at the chat template's end-of-turn token:
+    the tokenizer's EOS (e.g. <|im_end|> for ChatML) first, then any the base named."""
+    import copy
+
+    gen = copy.deepcopy(model.generation_config)
+    eos = gen.eos_token_id
+    eos = list(dict.fromkeys([tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])]))
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    return gen
+
+
+def _write_adapter(run: Run, model, folder: Path, max_shard_size: str) -> None:
+    """The adapter files byte for byte as training saved them (no re-serialisation)."""
+    import shutil
+
+    for name in ADAPTER_FILES:
+        shutil.copyfile(run.final / name, folder / name)
+
+
+def _write_merged(run: Run, model, folder: Path, max_shard_size: str) -> None:
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+
+
+WRITERS = {"adapter": _write_adapter, "merged": _write_merged}
+
+
+@torch.inference_mode()
+def reference_logits(model, tokenizer) -> dict[str, torch.Tensor]:
+    """The fixed prompt's ids [1, T] and fp32 logits at every position [1, T, V]."""
+    from tunesmith.data.tokenize import tokenize_prompt
+
+    ids = torch.tensor([tokenize_prompt(REFERENCE_PROMPT, tokenizer)], dtype=torch.long)
+    # (a reward model's "logits" are its one score: the same check holds)
+    return {"input_ids": ids, "logits": model(input_ids=ids).logits.float().contiguous()}
+
+
+def merge(model, tokenizer, ref: dict[str, torch.Tensor]):
+    """``merge_and_unload`` the adapter; ``ref`` gains the merged logits as "logits" and keeps
+    the adapter's as "adapter_logits", so verify can compare the two in a fresh process."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    ref["adapter_logits"] = ref["logits"]
+    model = model.merge_and_unload()
+    ref["logits"] = reference_logits(model, tokenizer)["logits"]
+    diff = (ref["logits"] - ref["adapter_logits"]).abs().max().item()
+    console.info(f"merged the adapter into the base weights: merged vs adapter logits, max abs difference "
+                 f"{diff:.3g}")
+    return model
+
+
+def file_hashes(folder: Path) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} of every file; also makes them world-readable (0644):
+    safetensors writes 0600, and an export is meant to be shared."""
+    from tunesmith.train.checkpoint import sha256_file
+
+    for p in folder.rglob("*"):
+        if p.is_file():
+            p.chmod(0o644)
+    return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != EXPORT_MANIFEST}
+
+
+def _manifest(run: Run, fmt: str, base: Path, base_hash: str, adapter_base_path: Path) -> dict:
+    from tunesmith.hardware import library_versions
+    from tunesmith.models import weights_hash
+
+    m = {
+        "format_version": FORMAT_VERSION, "format": fmt, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run": str(run.dir.resolve()), "method": run.manifest.get("method"), "task": run_task(run),
+        "base_model": run.manifest.get("base_model"), "base_model_path": str(base),
+        "base_model_weights_sha256": base_hash, "init_from": run.manifest.get("init_from"),
+        "chat_template_source": run.manifest.get("chat_template_source"),
+        "dequantized_base": bool(fmt == "merged" and (run.config.get("lora") or {}).get("qlora")),
+        "versions": library_versions(),
+        "reference": {"file": REFERENCE_FILE, "messages": REFERENCE_PROMPT, "dtype": "float32", "atol": ATOL,
+                      "logits": "this folder's model, in the exporting process"},
+    }
+    if fmt == "merged" and run.is_adapter:
+        m["reference"].update(adapter_logits="the run's model with its adapter unmerged", merge_atol=MERGE_ATOL,
+                              merge_rtol=MERGE_RTOL)
+    if fmt == "adapter":
+        m["adapter_base_path"] = str(adapter_base_path)
+        m["adapter_base_weights_sha256"] = (base_hash if adapter_base_path == base
+                                            else weights_hash(adapter_base_path))
+    elif run.is_adapter:
+        m["merged_adapters"] = [str(p) for p in adapter_chain(run)] + [str(run.final.resolve())]
+    return m
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, overwrite: bool = False,
+               verify: bool = True, max_shard_size: str = "2GB") -> Path:
+    """Export run ``run_dir`` in ``fmt`` to ``out`` (default RUN/export/FMT); returns ``out``.
+
+    Refuses a run without final weights, a non-empty ``out`` (unless ``overwrite``), a
+    base model that cannot be found or has changed, and an adapter that would not be the
+    trained model on the plain base. With ``verify`` the folder is reloaded in a fresh
+    process before it is moved into place; a failure leaves nothing behind.
+    """
+    from tunesmith.train.checkpoint import atomic_dir
+
+    started = time.time()
+    run = read_run(run_dir)
+    out = Path(out) if out is not None else run.dir / "export" / fmt
+    _check_format(run, fmt)
+    _check_output(out, run, overwrite)
+    base = base_folder(run)
+    base_hash = _check_base(run, base)
+    tokenizer = run_tokenizer(run.final)
+    on = adapter_base(run)
+    if fmt == "adapter":
+        _check_adapter(run, tokenizer, on)
+    if fmt == "merged" and (run.config.get("lora") or {}).get("qlora"):
+        console.info("the run trained on a 4-bit (QLoRA) base; merging into the full-precision base weights "
+                     "instead (merging into 4-bit weights is lossy)")
+
+    console.info(f"loading run {run.dir} ({run.manifest.get('method')}, "
+                 f"{'adapter' if run.is_adapter else 'full weights'}) on {base} in fp32 …")
+    model = load_run_model(run, tokenizer)
+    ref = reference_logits(model, tokenizer)
+    if fmt == "merged":
+        model = merge(model, tokenizer, ref)
+    manifest = _manifest(run, fmt, base, base_hash, on)
+    with atomic_dir(out) as tmp:
+        WRITERS[fmt](run, model, tmp, max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if run_task(run) == "causal":  # a reward model scores, it does not generate
+            _generation_config(model, tokenizer).save_pretrained(tmp)
+        save_file(ref, str(tmp / REFERENCE_FILE))
+        from tunesmith.export.card import model_card
+
+        (tmp / "README.md").write_text(model_card(run, fmt, manifest, str(out)), encoding="utf-8")
+        manifest["files"] = file_hashes(tmp)
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if verify:
+            from tunesmith.export.verify import report, verify_export
+
+            result = verify_export(tmp)
+            report(result)
+            if not result.ok:
+                raise TunesmithError(f"the export of {run.dir} failed verification (see above) and was not written; "
+                                     f"rerun with --no-verify to keep it and inspect it with `tunesmith verify`")
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    console.info(f"exported {fmt} to {out}: {len(manifest['files']) + 1} files, {size / 2**20:.1f} MiB, "
+                 f"in {time.time() - started:.1f} s")
+    return out

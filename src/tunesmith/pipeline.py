@@ -1,0 +1,382 @@
+"""A pipeline: named stages (data check → SFT → preference/RL → compare → export) run in
+order under one folder, each remembered by the hash of what went into it.
+
+    tunesmith run examples/pipeline-sft-dpo.yaml
+
+```yaml
+name: sft-dpo
+output_dir: runs/sft-dpo
+model: smollm2-135m-instruct        # default for every train stage
+stages:
+  - {name: data, check: [data/train.jsonl, data/prefs.jsonl]}
+  - {name: sft, train: {method: sft, data: {train: data/train.jsonl}, train: {max_steps: 40}}}
+  - {name: dpo, train: {method: dpo, init_from: sft, data: {train: data/prefs.jsonl}}}
+  - {name: compare, compare: {models: [base, sft, dpo], suites: [instruction_following]}}
+  - {name: export, export: {from: dpo, format: merged}}
+```
+
+A train stage is a run config (the same keys as ``tunesmith train``) whose
+``output_dir`` is ``OUTPUT_DIR/<stage>``; ``init_from`` (and ``preference.ref_model``,
+GRPO reward-model folders) may name an earlier stage. Each train stage runs as the real
+command in its own process (``python -m tunesmith train``): a clean memory measurement
+per stage, and exactly what a user would run by hand.
+
+Re-running: a stage's key is the sha256 of its resolved config, its data files and the
+final weights of the stages it reads. A stage whose key matches the one recorded in
+``lineage.json`` and whose outputs exist is skipped; a train stage that was interrupted
+(checkpoints, no ``final/``) resumes with ``--resume``; a stage whose key changed runs
+again (its old folder is kept as ``<stage>.previous``), and so does everything
+downstream, whose keys include its output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from tunesmith import console
+from tunesmith.config import _explain, _Section, load_config
+from tunesmith.errors import TunesmithError
+
+LINEAGE = "lineage.json"
+BASE = "base"  # the pipeline's model, as a compare entry
+
+
+class CompareSpec(_Section):
+    models: list[str] = Field(description="`base`, stage names or model folders, baseline first")
+    suites: list[str] = Field(default_factory=lambda: ["instruction_following"],
+                              description="built-in suite names or suite files")
+    max_new_tokens: int = Field(64, gt=0, description="tokens generated per prompt")
+    batch_size: int = Field(8, gt=0, description="prompts per generation batch")
+    limit: Optional[int] = Field(None, gt=0, description="first N prompts of each suite (quick runs)")
+
+
+class ExportSpec(_Section):
+    from_: str = Field(alias="from", description="the train stage to export")
+    format: Literal["adapter", "merged"] = Field("merged", description="adapter or merged weights")
+
+
+class StageSpec(_Section):
+    name: str = Field(description="stage name; its folder is OUTPUT_DIR/NAME")
+    check: Optional[list[str]] = Field(None, description="data files to validate")
+    train: Optional[dict[str, Any]] = Field(None, description="a run config (tunesmith train keys)")
+    compare: Optional[CompareSpec] = None
+    export: Optional[ExportSpec] = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "StageSpec":
+        kinds = [k for k in ("check", "train", "compare", "export") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"stage `{self.name}` must have exactly one of check, train, compare, export "
+                             f"(it has {', '.join(kinds) or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("check", "train", "compare", "export") if getattr(self, k) is not None)
+
+
+class PipelineSpec(_Section):
+    name: str = Field("pipeline", description="a name for the report")
+    output_dir: str = Field(description="folder holding every stage's run, the lineage and the report")
+    model: str = Field("smollm2-135m-instruct", description="default model of the train stages")
+    stages: list[StageSpec] = Field(description="stages in order")
+
+    @model_validator(mode="after")
+    def _names(self) -> "PipelineSpec":
+        seen: set[str] = set()
+        for s in self.stages:
+            if s.name in seen or s.name == BASE:
+                raise ValueError(f"stage name `{s.name}` is used twice or reserved; give each stage its own name")
+            seen.add(s.name)
+        return self
+
+
+def load_pipeline(path: str | Path | None, *, raw: dict | None = None, base_dir: Path | None = None) -> PipelineSpec:
+    """Read and validate a pipeline file. Relative paths in it are relative to the working
+    directory, as in a ``tunesmith train`` config (run it from where its paths make sense)."""
+    source = str(path) if path is not None else "pipeline"
+    if raw is None:
+        p = Path(path)  # type: ignore[arg-type]
+        if not p.is_file():
+            raise TunesmithError(f"pipeline file {p} does not exist; check the path")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise TunesmithError(f"{p}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise TunesmithError(f"{p} must hold a mapping with `output_dir:` and `stages:`")
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as err:
+        raise TunesmithError(_explain(err, source).replace("tunesmith train --help", "tunesmith run --help")) from None
+    spec._base_dir = base_dir or Path.cwd()  # type: ignore[attr-defined]
+    return spec
+
+
+# ------------------------------------------------------------------ hashing and lineage
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over a folder's files (names + bytes): a stage's output identity."""
+    from tunesmith.train.checkpoint import sha256_file
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return _sha([(str(p.relative_to(folder)), sha256_file(p)) for p in files])
+
+
+class Lineage:
+    """``lineage.json``: per stage, its key, inputs (with hashes), outputs and timings."""
+
+    def __init__(self, out: Path):
+        self.path = out / LINEAGE
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+
+    def get(self, name: str) -> dict:
+        return self.data["stages"].get(name, {})
+
+    def record(self, name: str, entry: dict) -> None:
+        self.data["stages"][name] = entry
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)  # a crash never leaves half a lineage file
+
+
+# ------------------------------------------------------------------------- the runner
+
+
+class Pipeline:
+    def __init__(self, spec: PipelineSpec, *, python: str = sys.executable):
+        self.spec = spec
+        self.base_dir: Path = getattr(spec, "_base_dir", Path.cwd())
+        self.out = self._path(spec.output_dir)
+        self.python = python
+        self.lineage = Lineage(self.out) if self.out.exists() else None
+        self.outputs: dict[str, str] = {}      # stage → output hash (final weights, results)
+        self.results: dict[str, Any] = {}      # stage → what the stage returned (comparison, export path)
+
+    def _path(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (self.base_dir / q)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def final_of(self, name: str) -> Path:
+        """A train stage's final weights folder (the thing later stages read)."""
+        stage = next((s for s in self.spec.stages if s.name == name), None)
+        if stage is None or stage.kind != "train":
+            known = [s.name for s in self.spec.stages if s.kind == "train"]
+            raise TunesmithError(f"`{name}` is not a train stage of this pipeline (train stages: {', '.join(known)}); "
+                                 f"name an earlier train stage")
+        return self.stage_dir(name) / "final"
+
+    # -- stage resolution ---------------------------------------------------------------
+    def _stage_ref(self, value: str, upstream: list[str]) -> str:
+        """A stage name → its final/ path (recorded as an upstream input); anything else as is."""
+        if any(s.name == value and s.kind == "train" for s in self.spec.stages):
+            upstream.append(value)
+            return str(self.final_of(value))
+        return value
+
+    def train_config(self, stage: StageSpec) -> tuple[dict, list[str], list[str]]:
+        """(resolved raw run config, upstream stages, data files) of a train stage."""
+        raw = json.loads(json.dumps(stage.train))
+        upstream: list[str] = []
+        raw.setdefault("model", self.spec.model)
+        raw["output_dir"] = str(self.stage_dir(stage.name))
+        if raw.get("init_from"):
+            raw["init_from"] = self._stage_ref(raw["init_from"], upstream)
+            if not upstream and not self._path(raw["init_from"]).exists():
+                known = [s.name for s in self.spec.stages if s.kind == "train" and s.name != stage.name]
+                raise TunesmithError(f"stage {stage.name}: init_from `{raw['init_from']}` is neither a train stage "
+                                     f"({', '.join(known) or 'none'}) nor an existing folder; name an earlier stage")
+        if (raw.get("preference") or {}).get("ref_model"):
+            raw["preference"]["ref_model"] = self._stage_ref(raw["preference"]["ref_model"], upstream)
+        if raw.get("grpo", {}).get("reward_funcs"):
+            raw["grpo"]["reward_funcs"] = [self._stage_ref(f, upstream) for f in raw["grpo"]["reward_funcs"]]
+        data = raw.get("data") or {}
+        files = []
+        for key in ("train", "eval"):
+            v = data.get(key)
+            if v:
+                vals = [v] if isinstance(v, str) else v
+                resolved = [str(self._path(x)) for x in vals]
+                data[key] = resolved[0] if isinstance(v, str) else resolved
+                files += resolved
+        model = raw["model"]
+        if (self.base_dir / model).exists():
+            raw["model"] = str(self.base_dir / model)
+        load_config(None, raw=raw)  # validate now: a bad key fails before any stage runs
+        return raw, upstream, files
+
+    def _key(self, stage: StageSpec, payload: Any, files: list[str], upstream: list[str]) -> str:
+        from tunesmith.train.checkpoint import sha256_file
+
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise TunesmithError(f"stage `{stage.name}`: data file {missing[0]} does not exist; check the path")
+        return _sha({"stage": stage.kind, "payload": payload, "files": {f: sha256_file(f) for f in files},
+                     "upstream": {u: self.outputs.get(u) for u in upstream}})
+
+    # -- running --------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Resolve every stage before running any (bad keys, unknown stage names)."""
+        for stage in self.spec.stages:
+            if stage.kind == "train":
+                self.train_config(stage)
+            elif stage.kind == "export":
+                self.final_of(stage.export.from_)
+            elif stage.kind == "compare":
+                for m in stage.compare.models:
+                    self._stage_ref(m, [])
+
+    def run(self) -> dict:
+        self.validate()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lineage = Lineage(self.out)
+        started = time.time()
+        for stage in self.spec.stages:
+            getattr(self, f"_run_{stage.kind}")(stage)
+        console.info(f"pipeline {self.spec.name} done in {time.time() - started:.0f} s; lineage in "
+                     f"{self.out / LINEAGE}")
+        return self.results
+
+    def _skip_or_prepare(self, stage: StageSpec, key: str, done: bool) -> str:
+        """'skip' (same key, outputs present), 'resume' (same key, interrupted) or 'run'."""
+        old = self.lineage.get(stage.name)
+        folder = self.stage_dir(stage.name)
+        if old.get("key") == key and done:
+            return "skip"
+        if old.get("key") == key and folder.exists():
+            return "resume"
+        if folder.exists():  # its inputs changed: keep the old result beside, run afresh
+            prev = folder.with_name(folder.name + ".previous")
+            if prev.exists():
+                shutil.rmtree(prev)
+            folder.rename(prev)
+            console.info(f"stage {stage.name}: inputs changed; the previous run is kept in {prev}")
+        return "run"
+
+    def _finish(self, stage: StageSpec, key: str, t0: float, inputs: dict, output: str, extra: dict | None = None):
+        self.outputs[stage.name] = output
+        self.lineage.record(stage.name, {"kind": stage.kind, "key": key, "inputs": inputs, "output": output,
+                                         "seconds": round(time.time() - t0, 1), "finished": time.time(),
+                                         **(extra or {})})
+
+    def _run_check(self, stage: StageSpec) -> None:
+        from tunesmith.data.validate import check_files
+
+        files = [str(self._path(f)) for f in stage.check]
+        key = self._key(stage, None, files, [])
+        if self.lineage.get(stage.name).get("key") == key:  # the same bytes were checked before
+            console.info(f"stage {stage.name}: unchanged, skipped (data already checked)")
+            self.outputs[stage.name] = key
+            return
+        t0 = time.time()
+        report = check_files(files)
+        bad = [str(e) for e in report.errors][:3]
+        if not report.ok:
+            raise TunesmithError(f"stage {stage.name}: data check failed ({len(report.errors)} problems; first: "
+                                 f"{bad[0]}); run `tunesmith data check FILE` for the full report")
+        counts = {f.file: len(f.entries) for f in report.files}
+        console.info(f"stage {stage.name}: data check ok — " + ", ".join(f"{Path(k).name} {v}" for k, v in counts.items()))
+        self._finish(stage, key, t0, {"files": files}, key, {"records": counts})
+
+    def _run_train(self, stage: StageSpec) -> None:
+        raw, upstream, files = self.train_config(stage)
+        key = self._key(stage, raw, files, upstream)
+        folder = self.stage_dir(stage.name)
+        action = self._skip_or_prepare(stage, key, (folder / "final").is_dir() and (folder / "run.json").exists())
+        if action == "skip":
+            console.info(f"stage {stage.name}: unchanged, skipped ({folder})")
+            self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
+            return
+        t0 = time.time()
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg_file = self.out / f"{stage.name}.yaml"
+        cfg_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+        cmd = [self.python, "-m", "tunesmith", "train", str(cfg_file)]
+        resuming = action == "resume" and any(folder.glob("checkpoint-*"))
+        if resuming:
+            cmd.append("--resume")
+        console.info(f"stage {stage.name}: {'resuming' if resuming else 'training'} — {' '.join(cmd[2:])}")
+        proc = subprocess.run(cmd, cwd=str(self.base_dir), env={**os.environ, "TUNESMITH_STAGE": stage.name})
+        if proc.returncode != 0:
+            raise TunesmithError(f"stage {stage.name} failed (exit {proc.returncode}); its folder {folder} keeps "
+                                 f"what was saved — fix the cause and run the pipeline again to resume")
+        manifest = json.loads((folder / "run.json").read_text())
+        self.results[stage.name] = manifest
+        self._finish(stage, key, t0, {"config": str(cfg_file), "data": {f: manifest["data"].get(f) for f in files},
+                                      "upstream": {u: self.outputs.get(u) for u in upstream}},
+                     folder_hash(folder / "final"), {"final": str(folder / "final")})
+
+    def _model_entry(self, name: str) -> tuple[str, str]:
+        """(label, spec for load_for_inference) of a compare entry."""
+        if name == BASE:
+            return BASE, self.spec.model
+        if any(s.name == name and s.kind == "train" for s in self.spec.stages):
+            return name, str(self.stage_dir(name))
+        return Path(name).name, str(self._path(name))
+
+    def _run_compare(self, stage: StageSpec) -> None:
+        c = stage.compare
+        upstream = [m for m in c.models if any(s.name == m and s.kind == "train" for s in self.spec.stages)]
+        suite_files = [str(self._path(s)) for s in c.suites if Path(self._path(s)).is_file()]
+        key = self._key(stage, c.model_dump(by_alias=True), suite_files, upstream)
+        folder = self.stage_dir(stage.name)
+        result_file = folder / "comparison.json"
+        if self._skip_or_prepare(stage, key, result_file.exists()) == "skip":
+            console.info(f"stage {stage.name}: unchanged, skipped ({result_file})")
+            self.results[stage.name] = json.loads(result_file.read_text())
+            self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
+            return
+        t0 = time.time()
+        folder.mkdir(parents=True, exist_ok=True)
+        models = [self._model_entry(m) for m in c.models]
+        suites = [str(self._path(s)) if Path(self._path(s)).is_file() else s for s in c.suites]
+        from tunesmith.evaluate.compare import compare_models
+
+        result = compare_models([spec for _, spec in models], suites, max_new_tokens=c.max_new_tokens,
+                                batch_size=c.batch_size, limit=c.limit, labels=[label for label, _ in models])
+        result_file.write_text(json.dumps(result, indent=2, default=str))
+        self.results[stage.name] = result
+        self._finish(stage, key, t0, {"models": dict(models), "suites": suites}, _sha(result.get("metrics")))
+
+    def _run_export(self, stage: StageSpec) -> None:
+        from tunesmith.export.export import export_run
+
+        src = stage.export.from_
+        key = self._key(stage, stage.export.model_dump(by_alias=True), [], [src])
+        folder = self.stage_dir(stage.name)
+        if self._skip_or_prepare(stage, key, (folder / "tunesmith.json").exists()) == "skip":
+            console.info(f"stage {stage.name}: unchanged, skipped ({folder})")
+            self.results[stage.name] = str(folder)
+            self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
+            return
+        t0 = time.time()
+        if folder.exists():
+            shutil.rmtree(folder)  # an interrupted export left nothing usable (exports are atomic)
+        export_run(self.stage_dir(src), stage.export.format, folder)
+        self.results[stage.name] = str(folder)
+        self._finish(stage, key, t0, {"from": src, "format": stage.export.format}, folder_hash(folder),
+                     {"folder": str(folder)})
+
+
+def run_pipeline(path: str | Path) -> dict:
+    return Pipeline(load_pipeline(path)).run()
+

@@ -1,0 +1,171 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath §4.1): online RL from sampled groups.
+
+For every prompt the current policy samples G completions (KV cache, batched); each is
+scored by the reward functions (``rewards.py``: Python ``module:function`` or a reward
+model folder), weighted and summed; advantages are the rewards minus their group's mean
+(divided by the group's std only with ``scale_rewards``, which Dr. GRPO shows biases
+toward easy/hard prompts). The loss per completion token t is
+
+    -min(ρ_t A, clip(ρ_t, 1-ε, 1+ε_high) A) + β KL_t,   ρ_t = π(o_t)/π_old(o_t),
+    KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (the k3 estimator, as TRL)
+
+with one optimizer step per generated batch, so π_old = π detached (ρ = 1, the clip
+inactive but its gradient path identical to TRL's with ``num_iterations=1``).
+Aggregation (``loss_type``), as units handed to the engine (which divides the step's
+summed loss by the step's units):
+- ``grpo``: each completion's mean token loss, averaged over completions — biased
+  toward short answers (a long wrong answer's per-token penalty is diluted);
+- ``dapo``: token sum over all completions of the step / their token count;
+- ``dr_grpo``: token sum / (completions x max_new_tokens), a constant (Liu et al. 2025).
+
+Generation happens in ``collate``: the engine collates every micro-batch of a step before
+the first backward, so all samples come from the same policy and the units (tokens) are
+known up front. Sampling draws from torch's global RNG, which checkpoints save, so a
+resumed run samples the same completions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.models.adapters import merged_adapter
+from tunesmith.train.forward import TokenLogProbs
+from tunesmith.train.methods.reference import Reference
+
+
+@dataclass
+class PromptItem:
+    input_ids: list[int]           # the prompt rendered with the generation prompt (left-truncated)
+    prompt: list[dict]             # its messages, for reward functions
+    meta: dict = field(default_factory=dict)  # extra columns (e.g. a reference answer) for reward functions
+
+
+class GRPO:
+    wrap = TokenLogProbs
+
+    def __init__(self, tokenizer, policy, rewards, *, num_generations: int, max_new_tokens: int,
+                 temperature: float, top_p: float, beta: float, epsilon: float, epsilon_high: float | None,
+                 loss_type: str, scale_rewards: bool, autocast, log_path: Path | None = None,
+                 log_completions: int = 2, logging_steps: int = 1):
+        self.tok, self.policy, self.rewards = tokenizer, policy, rewards
+        self.G, self.max_new_tokens = num_generations, max_new_tokens
+        self.temperature, self.top_p, self.beta = temperature, top_p, beta
+        self.eps_low, self.eps_high = epsilon, epsilon_high if epsilon_high is not None else epsilon
+        self.loss_type, self.scale_rewards, self.autocast = loss_type, scale_rewards, autocast
+        self.log_path, self.log_completions, self.logging_steps = log_path, log_completions, logging_steps
+        self.reference = Reference(None)  # adapter disabled; recipe sets a frozen model for full fine-tuning
+        self._log_step: int | None = None
+        # End of a completion: the tokenizer's EOS and the generation config's (e.g. <|eot_id|>).
+        gen_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+        self.stop_ids = sorted({tokenizer.eos_token_id, *gen_eos} - {None})
+
+    def begin_step(self, step: int) -> None:
+        """Called by the engine before collating a training step: completions are logged
+        on logging steps, from the first micro-batch."""
+        self._log_step = step if step % self.logging_steps == 0 else None
+
+    # -- sampling ---------------------------------------------------------------------
+    def _sample(self, items: list[PromptItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt ids (N,P) left-padded, prompt mask, completion ids (N,C) right-padded with
+        pad), N = len(items) x G, rows of a group consecutive."""
+        pad = self.tok.pad_token_id
+        P = max(len(it.input_ids) for it in items)
+        ids = torch.full((len(items), P), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), P), dtype=torch.long)
+        for i, it in enumerate(items):
+            ids[i, P - len(it.input_ids):] = torch.tensor(it.input_ids)
+            mask[i, P - len(it.input_ids):] = 1
+        ids, mask = ids.repeat_interleave(self.G, 0), mask.repeat_interleave(self.G, 0)
+        device = next(self.policy.parameters()).device
+        was_training = self.policy.training
+        self.policy.eval()
+        with torch.no_grad(), self.autocast(), merged_adapter(self.policy):  # ~10x faster decoding on CPU
+            out = self.policy.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                temperature=self.temperature, top_p=self.top_p, top_k=0, max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad, eos_token_id=self.stop_ids, use_cache=True)
+        self.policy.train(was_training)
+        return ids, mask, out[:, P:].cpu()
+
+    def _completion_mask(self, completion: torch.Tensor) -> torch.Tensor:
+        """1 up to and including the first end-of-turn token (it trains: it is the decision
+        to stop), 0 after; a completion that never stops is all 1."""
+        C = completion.shape[1]
+        stop = torch.isin(completion, torch.tensor(self.stop_ids))
+        first = torch.where(stop.any(1), stop.int().argmax(1), torch.full((completion.shape[0],), C))
+        return (torch.arange(C).unsqueeze(0) <= first.unsqueeze(1)).long()
+
+    def collate(self, items: list[PromptItem]) -> dict:
+        p_ids, p_mask, completion = self._sample(items)
+        c_mask = self._completion_mask(completion)
+        texts = self.tok.batch_decode(completion.masked_fill(c_mask == 0, self.tok.pad_token_id),
+                                      skip_special_tokens=True)
+        groups = [it for it in items for _ in range(self.G)]
+        scores = self.rewards([it.prompt for it in groups], texts, [it.meta for it in groups])  # (N, F)
+        total = scores.total
+        grouped = total.view(-1, self.G)
+        std = grouped.std(dim=1)
+        adv = (grouped - grouped.mean(dim=1, keepdim=True))
+        if self.scale_rewards:
+            adv = adv / (std.unsqueeze(1) + 1e-4)
+        input_ids = torch.cat([p_ids, completion], dim=1)
+        attention = torch.cat([p_mask, c_mask], dim=1)
+        labels = torch.cat([torch.full_like(p_ids, IGNORE_INDEX), completion.masked_fill(c_mask == 0, IGNORE_INDEX)], 1)
+        lengths = c_mask.sum(1)
+        n = len(groups)
+        units = {"grpo": n, "dapo": int(lengths.sum()), "dr_grpo": n * self.max_new_tokens}[self.loss_type]
+        if self._log_step is not None and self.log_path is not None and self.log_completions:
+            self._write_samples(groups, texts, scores)
+            self._log_step = None
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+                "position_ids": (attention.cumsum(1) - 1).clamp(min=0), "advantages": adv.reshape(-1),
+                "lengths": lengths, "units": units, "rewards": total, "reward_std": std,
+                "reward_parts": scores.parts}
+
+    def _write_samples(self, groups, texts, scores) -> None:
+        with open(self.log_path, "a") as f:
+            for i in range(min(self.log_completions, len(texts))):
+                f.write(json.dumps({"step": self._log_step, "prompt": groups[i].prompt[-1]["content"],
+                                    "completion": texts[i], "reward": float(scores.total[i]),
+                                    **{f"reward/{k}": float(v[i]) for k, v in scores.parts.items()}}) + "\n")
+
+    # -- loss -------------------------------------------------------------------------
+    @staticmethod
+    def units(batch: dict) -> int:
+        return int(batch["units"])
+
+    def loss(self, module, batch: dict):
+        inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
+        logp, mask = module(**inputs)                                   # (N, T-1)
+        maskf = mask.float()
+        ratio = torch.exp(logp - logp.detach())
+        adv = batch["advantages"].unsqueeze(1)
+        clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        metrics = {}
+        tokens = maskf.sum()
+        if self.beta > 0:
+            delta = self.reference(module, {}, inputs) - logp   # per-token reference log-probs, no grad
+            kl = torch.exp(delta) - delta - 1
+            per_token = per_token + self.beta * kl
+            metrics.update({"kl": (kl.detach() * maskf).sum(), "n:kl": tokens})
+        per_seq = (per_token * maskf).sum(1)
+        loss = (per_seq / batch["lengths"].clamp(min=1)).sum() if self.loss_type == "grpo" else per_seq.sum()
+        n = len(batch["rewards"])
+        is_clipped = ((ratio < 1 - self.eps_low) & (adv < 0)) | ((ratio > 1 + self.eps_high) & (adv > 0))
+        metrics.update({
+            "reward": batch["rewards"].sum(), "n:reward": n,
+            "reward_std": batch["reward_std"].sum(), "n:reward_std": len(batch["reward_std"]),
+            "completion_length": batch["lengths"].float().sum(), "n:completion_length": n,
+            "clip_ratio": (is_clipped.float() * maskf).sum(), "n:clip_ratio": tokens,
+        })
+        for name, vals in batch["reward_parts"].items():
+            metrics[f"rewards/{name}"] = vals.sum()
+            metrics[f"n:rewards/{name}"] = n
+        return loss, metrics
