@@ -57,16 +57,18 @@ SUITE = "house_format"
 
 
 def score_house(records: list[dict], responses: list[str]) -> dict:
-    """Per item: the house format (the suite's verdict), a concise WHY, the right answer;
+    """Per item: the house format (the suite's verdict), a concise WHY, the right answer
+    (in the ANSWER line, or anywhere in a reply without one: knowledge, not format);
     aggregate: the three rates with Wilson 95% intervals."""
     from tunesmith.evaluate.scoring import normalize_answer
     from tunesmith.evaluate.stats import rate_summary
 
     items = []
     for rec, out in zip(records, responses, strict=True):
-        answer = answer_of(out)
+        # Knowledge, whatever the format: the ANSWER line when there is one, else the whole reply.
+        answer = answer_of(out) or out
         items.append({"id": rec["id"], "passed": format_ok(out), "concise": concise_ok(out),
-                      "correct": answer is not None and normalize_answer(rec["reference"]) in normalize_answer(answer)})
+                      "correct": normalize_answer(rec["reference"]) in normalize_answer(answer)})
     return {"items": items, "aggregate": {
         "n": len(items), "format_rate": rate_summary([i["passed"] for i in items]),
         "concise_rate": rate_summary([i["concise"] for i in items]),
@@ -99,15 +101,19 @@ def before_after(pipeline: Pipeline) -> tuple[list[dict], list[str]]:
     comparison = next((v for v in pipeline.results.values() if isinstance(v, dict) and SUITE in v.get("results", {})),
                       None)
     rows = []
-    for label, outcome in (comparison or {}).get("results", {}).get(SUITE, {}).items():
-        metrics = outcome["aggregate"]
+    by_label = (comparison or {}).get("results", {}).get(SUITE, {})
+    order = [m["label"] for m in (comparison or {}).get("models", [])]
+    for label in sorted(by_label, key=lambda x: order.index(x) if x in order else len(order)):
+        metrics = by_label[label]["aggregate"]
         run = pipeline.stage_dir(label) / "run.json"
         m = json.loads(run.read_text()) if run.exists() else {}
         rows.append({"model": label, "method": m.get("method", "—"),
                      "training": "—" if not m else ("LoRA" if m.get("adapter") else "full fine-tuning"),
                      "trainable": m.get("trainable_parameters"), "total": m.get("total_parameters"),
                      "peak_memory_gib": round(m["peak_memory_bytes"] / 2**30, 2) if m.get("peak_memory_bytes") else None,
-                     "peak_memory_kind": m.get("peak_memory_kind"), "seconds": round(m["end_time"] - m["start_time"])
+                     "peak_memory_kind": m.get("peak_memory_kind"),
+                     "step_memory_gib": round(m["step_memory_bytes"] / 2**30, 2) if m.get("step_memory_bytes") else None,
+                     "seconds": round(m["end_time"] - m["start_time"])
                      if m else None, **{k: metrics[k] for k in ("format_rate", "concise_rate", "answer_accuracy")}})
     by = {r["model"]: r for r in rows}
     checks = []
@@ -128,7 +134,10 @@ def _count(n) -> str:
 
 
 def _memory(r: dict) -> str:
-    return "—" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']} GiB"
+    if r["peak_memory_gib"] is None:
+        return "—"
+    added = f" (+{r['step_memory_gib']} over the loaded model)" if r.get("step_memory_gib") is not None else ""
+    return f"{r['peak_memory_gib']} GiB{added}"
 
 
 def before_after_html(rows: list[dict], checks: list[str]) -> str:
@@ -145,7 +154,9 @@ def before_after_html(rows: list[dict], checks: list[str]) -> str:
         for r in rows)
     checks_html = "".join(f"<li>{escape(c)}</li>" for c in checks)
     return (f"<table class='before-after'>{head}{body}</table><ul class='checks'>{checks_html}</ul>"
-            "<p>Peak memory is measured during the training steps (peak RSS on CPU), not estimated.</p>")
+            "<p>Peak memory is measured during the training steps (peak RSS on CPU, allocator peak on CUDA), "
+            "not estimated; in brackets what the steps added over the loaded model and libraries "
+            "(gradients, optimizer state, activations).</p>")
 
 
 def before_after_md(rows: list[dict], checks: list[str]) -> str:

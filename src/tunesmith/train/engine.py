@@ -81,6 +81,7 @@ class FitResult:
     efficiency: float = 1.0
     peak_memory_bytes: int = 0     # during training steps (peak RSS on CPU, allocator peak on CUDA)
     peak_memory_kind: str = ""
+    step_memory_bytes: int = 0     # the peak minus the memory in use when training started
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -313,7 +314,7 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
             console.info("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     from tunesmith.train import memory
 
-    memory.reset_peak(accelerator.device.type)  # measure the training steps, not the loading
+    mem_before = memory.reset_peak(accelerator.device.type)  # measure the training steps, not the loading
     progress = _progress(is_main, total, step)
     with _Stop() as stop, progress:
         while step < total:
@@ -421,7 +422,7 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
         w.close()
     eff = real_total / processed_total if processed_total else 1.0
     peak, peak_kind = memory.peak_bytes(accelerator.device.type)
-    return FitResult(step, last_metrics, stopped, state["skipped"], eff, peak, peak_kind)
+    return FitResult(step, last_metrics, stopped, state["skipped"], eff, peak, peak_kind, max(0, peak - mem_before))
 
 
 class _progress:

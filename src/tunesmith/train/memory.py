@@ -68,19 +68,33 @@ def available_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def reset_peak(device: str) -> None:
+def reset_peak(device: str) -> int:
     """Start measuring the peak memory of what follows (training steps, not model loading):
-    CUDA's allocator peak, or the process's peak RSS (Linux resets VmHWM via clear_refs)."""
+    CUDA's allocator peak, or the process's peak RSS (Linux resets VmHWM via clear_refs).
+    Returns the memory in use now, so that the peak minus it is what the steps added
+    (gradients, optimizer state, activations) over the loaded model and libraries."""
     if device == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-        return
+        return int(torch.cuda.memory_allocated())
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:  # not Linux, or not allowed: the peak then includes loading
         pass
+    return _status_bytes("VmRSS:")
+
+
+def _status_bytes(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_bytes(device: str) -> tuple[int, str]:
@@ -89,13 +103,9 @@ def peak_bytes(device: str) -> tuple[int, str]:
         import torch
 
         return int(torch.cuda.max_memory_allocated()), "cuda max allocated"
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "peak RSS"
-    except OSError:
-        pass
+    hwm = _status_bytes("VmHWM:")
+    if hwm:
+        return hwm, "peak RSS"
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (whole process)"

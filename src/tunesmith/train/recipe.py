@@ -482,6 +482,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
         "trainable_parameters": trainable, "total_parameters": total, "memory_estimate": est.to_dict(),
         "gradient_checkpointing": gc_needed,
         "peak_memory_bytes": result.peak_memory_bytes, "peak_memory_kind": result.peak_memory_kind,
+        "step_memory_bytes": result.step_memory_bytes,
         "start_time": started, "end_time": time.time(), "steps": result.step,
         "skipped_nonfinite_steps": result.skipped_steps, "padding_efficiency": round(result.efficiency, 4),
         "final_metrics": result.metrics, "stopped_by_signal": result.stopped_by_signal,
@@ -491,7 +492,8 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
         (out / "run.json").write_text(json.dumps(manifest, indent=2))
         if not result.stopped_by_signal:
             console.info(f"done: {result.step} steps; real/processed tokens {result.efficiency:.1%}; "
-                         f"{result.peak_memory_kind} during training {result.peak_memory_bytes / 2**30:.2f} GiB; "
+                         f"{result.peak_memory_kind} during training {result.peak_memory_bytes / 2**30:.2f} GiB "
+                         f"(+{result.step_memory_bytes / 2**30:.2f} GiB over the loaded model); "
                          f"final weights in {out / 'final'}")
     accelerator.wait_for_everyone()
     return manifest
