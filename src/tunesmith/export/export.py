@@ -35,9 +35,11 @@ ATOL = 1e-4
 # differ by fp32 rounding, which grows with the logits' size. On SmolLM2-135M (|logit|
 # up to 38) the fp32 adapter model itself is 7.5e-5 away from an fp64 forward and the
 # merged one 8.4e-5 from the adapter; a check of max |Δ| ≤ 1e-4 would fail bigger models
-# on rounding alone. So, torch.allclose-style: |Δ| ≤ 1e-4 + 4e-6·|logit| (4e-6 ≈ 32 fp32
-# ulps); a real error (wrong scale, missing layer) moves logits by > 1e-2.
-MERGE_ATOL, MERGE_RTOL = 1e-4, 4e-6
+# on rounding alone — a 2-step SmolLM2 run in CI measured 1.58e-4, at a logit far smaller
+# than the largest. Rounding error scales with the size of the sums, so the limit does too:
+# max |Δ| ≤ 1e-4 + 1e-5·max|logit| (4.8e-4 on SmolLM2; 1e-5 ≈ 80 fp32 ulps accumulated over
+# 30 layers); a real error (wrong scale, missing layer) moves logits by > 1e-2.
+MERGE_ATOL, MERGE_RTOL = 1e-4, 1e-5
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 

@@ -125,14 +125,15 @@ def load_model(folder: Path, manifest: dict, base_path: Path | None, tok):
 
 
 def check_logits(logits, want, atol: float, rtol: float = 0.0):
-    """|logits - want| ≤ atol + rtol·|want| everywhere (torch.allclose); detail: max |Δ|."""
-    import torch
-
+    """max |logits - want| ≤ atol + rtol·max|want|: rounding error scales with the size of
+    the numbers the forward pass adds up, not with each output element."""
     if logits.shape != want.shape:
         return False, f"logits shape {tuple(logits.shape)} ≠ recorded {tuple(want.shape)}", None
     diff = (logits - want).abs().max().item()
-    limit = f"{atol:g}" + (f" + {rtol:g}·|logit|" if rtol else "")
-    return torch.allclose(logits, want, atol=atol, rtol=rtol), f"max abs difference {diff:.3g} (limit {limit})", diff
+    scale = want.abs().max().item()
+    limit = atol + rtol * scale
+    shown = f"{atol:g}" + (f" + {rtol:g}·max|logit| ({scale:.3g}) = {limit:.3g}" if rtol else "")
+    return diff <= limit, f"max abs difference {diff:.3g} (limit {shown})", diff
 
 
 def forward(model, ref: dict):

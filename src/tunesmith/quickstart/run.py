@@ -85,7 +85,7 @@ def _register_suite() -> None:
         "format_rate", score=score_house))
 
 
-_register_suite()
+_register_suite()  # on import (so `tunesmith run` on the printed pipeline knows it) and again per run
 
 
 def _pct(rate: dict) -> str:
@@ -173,6 +173,7 @@ def before_after_md(rows: list[dict], checks: list[str]) -> str:
 
 def finish_pipeline(spec: PipelineSpec) -> Pipeline:
     """Run ``spec``, then write the report of its train stages and comparison."""
+    _register_suite()  # idempotent; the registry may have been reset since import (tests do)
     pipeline = Pipeline(spec)
     pipeline.run()
     from tunesmith.evaluate.report import build_report
