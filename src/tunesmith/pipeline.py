@@ -272,6 +272,11 @@ class Pipeline:
             console.info(f"stage {stage.name}: inputs changed; the previous run is kept in {prev}")
         return "run"
 
+    def _skipped(self, stage: StageSpec, where: object) -> None:
+        """An unchanged stage: its recorded output stands for what it would make again."""
+        console.info(f"stage {stage.name}: unchanged, skipped ({where})")
+        self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
+
     def _finish(self, stage: StageSpec, key: str, t0: float, inputs: dict, output: str, extra: dict | None = None):
         self.outputs[stage.name] = output
         self.lineage.record(stage.name, {"kind": stage.kind, "key": key, "inputs": inputs, "output": output,
@@ -284,8 +289,7 @@ class Pipeline:
         files = [str(self._path(f)) for f in stage.check]
         key = self._key(stage, None, files, [])
         if self.lineage.get(stage.name).get("key") == key:  # the same bytes were checked before
-            console.info(f"stage {stage.name}: unchanged, skipped (data already checked)")
-            self.outputs[stage.name] = key
+            self._skipped(stage, "data already checked")
             return
         t0 = time.time()
         report = check_files(files)
@@ -303,8 +307,7 @@ class Pipeline:
         folder = self.stage_dir(stage.name)
         action = self._skip_or_prepare(stage, key, (folder / "final").is_dir() and (folder / "run.json").exists())
         if action == "skip":
-            console.info(f"stage {stage.name}: unchanged, skipped ({folder})")
-            self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
+            self._skipped(stage, folder)
             return
         t0 = time.time()
         folder.mkdir(parents=True, exist_ok=True)
@@ -341,9 +344,8 @@ class Pipeline:
         folder = self.stage_dir(stage.name)
         result_file = folder / "comparison.json"
         if self._skip_or_prepare(stage, key, result_file.exists()) == "skip":
-            console.info(f"stage {stage.name}: unchanged, skipped ({result_file})")
+            self._skipped(stage, result_file)
             self.results[stage.name] = json.loads(result_file.read_text())
-            self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
             return
         t0 = time.time()
         folder.mkdir(parents=True, exist_ok=True)
@@ -364,9 +366,8 @@ class Pipeline:
         key = self._key(stage, stage.export.model_dump(by_alias=True), [], [src])
         folder = self.stage_dir(stage.name)
         if self._skip_or_prepare(stage, key, (folder / "tunesmith.json").exists()) == "skip":
-            console.info(f"stage {stage.name}: unchanged, skipped ({folder})")
+            self._skipped(stage, folder)
             self.results[stage.name] = str(folder)
-            self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
             return
         t0 = time.time()
         if folder.exists():

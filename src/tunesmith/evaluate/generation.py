@@ -79,6 +79,21 @@ def _peft_on(base_spec: str, adapter: Path, dtype):
     return PeftModel.from_pretrained(load_model(base_spec, dtype=dtype), adapter).eval()
 
 
+def export_adapter_base(folder: Path, manifest: dict) -> str:
+    """The base an exported adapter goes on: the recorded folder, or the base model again
+    when only its cache is gone (an embedded model is converted anew); refused when the
+    recorded base was an earlier run's full weights, which nothing can rebuild."""
+    base = manifest["adapter_base_path"]
+    if (Path(base) / "config.json").exists():
+        return base
+    if base != manifest["base_model_path"]:
+        raise TunesmithError(f"the base of the adapter in {folder} is gone ({base}); pass it explicitly: "
+                             f"`BASE_FOLDER --adapter {folder}`")
+    from tunesmith.models import resolve_model
+
+    return str(resolve_model(manifest["base_model"]))
+
+
 def _load_export(folder: Path, dtype):
     manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
     tok = run_tokenizer(folder)
@@ -88,13 +103,8 @@ def _load_export(folder: Path, dtype):
         model = load_model(str(folder), dtype=dtype).eval()
         return model, tok, InferenceInfo("export", str(folder), None, manifest.get("chat_template_source"),
                                          f"exported merged model {folder}")
-    base = manifest["adapter_base_path"]
-    if not (Path(base) / "config.json").exists():
-        if base != manifest["base_model_path"]:  # the full weights of an earlier run: nothing to rebuild from
-            raise TunesmithError(f"the base of the adapter in {folder} is gone ({base}); pass it explicitly: "
-                                 f"`BASE_FOLDER --adapter {folder}`")
-        base = manifest["base_model"]  # e.g. the embedded model's cache was cleared: convert it again
-    model = _peft_on(str(base), folder, dtype)
+    base = export_adapter_base(folder, manifest)
+    model = _peft_on(base, folder, dtype)
     return model, tok, InferenceInfo("export", str(base), str(folder), manifest.get("chat_template_source"),
                                      f"exported adapter {folder} on {base}")
 

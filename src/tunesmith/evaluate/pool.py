@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.generation import EXPORT_MANIFEST, run_tokenizer
+from tunesmith.evaluate.generation import EXPORT_MANIFEST, export_adapter_base, run_tokenizer
 from tunesmith.models.runs import Run, adapter_chain, base_folder, read_run, run_of, trained_base
 
 
@@ -118,14 +118,7 @@ def _from_export(folder: Path) -> dict:
     if manifest["format"] == "merged":
         return dict(common, describe=f"exported merged model {folder}", key=(_folder_key(folder),),
                     build=partial(_load, folder))
-    base = manifest["adapter_base_path"]
-    if not (Path(base) / "config.json").exists():
-        if base != manifest["base_model_path"]:
-            raise TunesmithError(f"the base of the adapter in {folder} is gone ({base}); evaluate the run folder "
-                                 f"instead, or pass the base explicitly with `tunesmith generate BASE --adapter`")
-        from tunesmith.models import resolve_model
-
-        base = str(resolve_model(manifest["base_model"]))  # e.g. the embedded model's cache was cleared
+    base = export_adapter_base(folder, manifest)
     return dict(common, describe=f"exported adapter {folder} on {base}", key=(_folder_key(base),),
                 build=partial(_load, base), adapter=folder)
 
