@@ -133,7 +133,7 @@ def _random_adapters(model_name: str, work: Path, n: int) -> list[str]:
     return folders
 
 
-def compare_row(model_name: str, work: Path, prompts: int = 60, new_tokens: int = 64, batch: int = 8) -> dict:
+def compare_row(model_name: str, work: Path, prompts: int = 60, new_tokens: int = 64, batch: int = 16) -> dict:
     """``compare_models`` on base + 2 adapters (one base in memory), ``prompts`` prompts of the
     built-in instruction-following suite, ``new_tokens`` new tokens, greedy, batch ``batch``."""
     from tunesmith.evaluate.compare import compare_models

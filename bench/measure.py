@@ -89,6 +89,8 @@ class Recorder:
             # everything before steady state: load, tokenize, precompute, first-step overheads
             "pre_train_s": round(max(0.0, self.stamps[0] - self.begin - step_s), 3),
             "first_step_s": round(self.stamps[0] - self.begin, 3),
+            # every step's seconds (step 1: from the runner's start), to see warm-up effects
+            "step_seconds": [round(b - a, 3) for a, b in zip([self.begin] + self.stamps, self.stamps)],
         }
 
 

@@ -70,7 +70,7 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (with temperature > 0)"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
-    batch_size: int = typer.Option(8, "--batch-size", help="prompts decoded together"),
+    batch_size: int = typer.Option(16, "--batch-size", help="prompts decoded together"),
 ) -> None:
     from tunesmith.evaluate import generation as g
 

@@ -53,7 +53,7 @@ def as_suites(prompts_or_suite: Any) -> list:
     return [prompt_suite("prompts", items)]
 
 
-def compare_models(specs: list[str], prompts_or_suite: Any, max_new_tokens: int = 256, batch_size: int = 8,
+def compare_models(specs: list[str], prompts_or_suite: Any, max_new_tokens: int = 256, batch_size: int = 16,
                    limit: int | None = None, *, labels: list[str] | None = None, settings: EvalSettings | None = None,
                    data: str | Path | None = None) -> dict[str, Any]:
     """The same prompts through every model: per-model outputs, metrics and per-item diffs

@@ -222,7 +222,7 @@ class _Bar:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = 8, progress: bool = False) -> list[str]:
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 16, progress: bool = False) -> list[str]:
     """One completion per prompt (a message list ending with a user turn), in input order.
 
     Prompts are rendered with the chat template and its generation prompt

@@ -58,7 +58,7 @@ class EvalSettings:
     """How every suite runs; one object, so that eval, compare and a pipeline agree."""
 
     max_new_tokens: int = 256  # tokens generated at most per prompt
-    batch_size: int = 8  # prompts decoded, or sequences scored, together
+    batch_size: int = 16  # prompts decoded, or sequences scored, together
     temperature: float = 0.0  # 0 = greedy: the same model and prompt always give the same text
     top_p: float = 1.0  # nucleus mass, with temperature > 0
     seed: int = 0  # sampling seed (greedy decoding does not use it)

@@ -6,6 +6,7 @@ import contextlib
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models.dropout import use_fast_dropout
 
 
 def check_qlora_supported() -> None:
@@ -41,10 +42,12 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules, 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                      use_rslora=rslora, use_dora=dora, modules_to_save=modules_to_save, task_type=task_type)
     try:
-        return get_peft_model(model, cfg)
+        model = get_peft_model(model, cfg)
     except ValueError as e:
         raise TunesmithError(f"lora.target_modules = {target_modules!r} does not fit this model ({e}); "
                              f"use `all-linear` or names such as q_proj, v_proj") from None
+    use_fast_dropout(model)  # the same dropout, drawn ~5x faster on a CPU (models/dropout.py)
+    return model
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -1,0 +1,78 @@
+"""The bench harness's own arithmetic: step window, token counts, model FLOPs, targets.
+
+The benchmark itself (``python -m bench``) prints figures and is not a test; these check
+that what it divides and compares is computed right, on tiny real tensors and models.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig
+
+from bench import mfu, report
+from bench.measure import Recorder
+
+
+def test_window_counts_only_the_measured_steps():
+    rec = Recorder()
+    rec.begin = 0.0
+    ids = torch.ones(2, 6, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    labels = torch.full((2, 6), -100)
+    labels[:, 4:] = 7                                  # 2 trained positions per row
+    for step, t in enumerate((10.0, 12.0, 15.0, 17.0)):  # stamps after steps 1..4
+        rec.record(ids, labels, mask)                  # policy pass of step `step`
+        with torch.no_grad():
+            rec.record(ids, labels, mask)              # reference pass
+        rec.stamps.append(t)
+    w = rec.window(1)
+    assert w["measured_steps"] == 3 and w["measured_s"] == 7.0 and w["step_s_median"] == 2.0
+    assert w["tokens"] == 3 * 10 and w["trained_tokens"] == 3 * 4 and w["rows"] == 6
+    assert w["ref_tokens"] == 30 and w["sq_lengths"] == 3 * (36 + 16)
+    assert w["step_seconds"] == [10.0, 2.0, 3.0, 2.0]
+    assert w["pre_train_s"] == 8.0                     # first stamp minus one median step
+
+
+def test_param_counts_and_flops_match_smollm2_shapes():
+    cfg = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                      intermediate_size=1536, vocab_size=49152)
+    c = mfu.param_counts(cfg, 8)
+    assert round(c["body"] / 1e6, 1) == 106.2 and round(c["head"] / 1e6, 1) == 28.3
+    assert round(c["lora"] / 1e6, 2) == 2.44              # tunesmith's report: "trainable 2.44M"
+    w = {"tokens": 100, "trained_tokens": 60, "sq_lengths": 2 * 50 * 50,
+         "ref_tokens": 0, "ref_sq_lengths": 0, "ref_trained_tokens": 0}
+    full = mfu.window_flops(mfu.param_counts(cfg), w, lora=False)
+    assert full == 100 * 6 * c["body"] + 12 * 30 * 576 * 5000 + 60 * 6 * c["head"]
+    lora = mfu.window_flops(c, {**w, "ref_tokens": 100, "ref_sq_lengths": 5000, "ref_trained_tokens": 60},
+                            lora=True)
+    assert lora == (100 * (4 * c["body"] + 6 * c["lora"]) + 12 * 30 * 576 * 5000 + 60 * 4 * c["head"]
+                    + 100 * 2 * c["body"] + 4 * 30 * 576 * 5000 + 60 * 2 * c["head"])
+
+
+def _row(runner, rate, workload="sft-lora", dataset="uniform", dtype="bfloat16", flops=1e12, seconds=10.0):
+    return {"ok": True, "workload": workload, "dataset": dataset, "runner": runner, "dtype": dtype,
+            "trained_tokens_per_s": rate, "tokens_per_s": 1.5 * rate, "step_s_median": 1.0, "flops": flops,
+            "measured_s": seconds}
+
+
+def test_ratios_and_targets():
+    rows = [_row("tunesmith", 200.0, flops=2e12), _row("tunesmith-fp32", 150.0, dtype="float32", flops=1.5e12),
+            _row("trl-default", 100.0), _row("trl-best", 120.0), _row("trl-best-fp32", 130.0, dtype="float32"),
+            _row("plain", 190.0),
+            _row("tunesmith", 50.0, "dpo-lora"), _row("tunesmith-precompute", 65.0, "dpo-lora"),
+            _row("trl-best", 40.0, "dpo-lora")]
+    report.add_ratios_and_mfu(rows, {"fp32": 1e12, "bf16": 4e12})
+    ts = rows[0]
+    assert ts["x_trl_default"] == 2.0 and ts["x_trl_best"] == round(200 / 130, 3) and ts["x_plain"] == round(200 / 190, 3)
+    assert ts["mfu"] == 0.05 and ts["mfu_vs_fp32_peak"] == 0.2       # bf16 row against the bf16 peak
+    assert rows[1]["mfu"] == 0.15                                     # fp32 row against the fp32 peak
+    assert rows[7]["x_trl_best"] == round(65 / 40, 3)                 # no trl-best-precompute: against TRL best
+    goals = {g["target"]: g for g in report.targets(rows, {"to_first_step_s": 5.0})}
+    assert goals["sft-lora uniform vs TRL best"]["pass"] is True
+    assert goals["sft-lora uniform vs TRL default"]["pass"] is False
+    mfu_goal = goals["sft-lora uniform MFU"]
+    assert mfu_goal["value"] == 0.15 and mfu_goal["detail"] == "tunesmith-fp32" and mfu_goal["pass"] is False
+    assert goals["dpo-lora uniform: precompute_ref vs on-line reference"]["value"] == 1.3
+    assert goals["start-up to first step"]["pass"] is True
+    assert "| sft-lora | uniform | tunesmith | bf16 | 200.0 |" in report.markdown(
+        {"training": rows, "targets": list(goals.values())})
