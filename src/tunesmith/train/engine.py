@@ -1,10 +1,11 @@
 """The one training loop every method runs on (SFT, DPO family, reward model, GRPO).
 
 Why our own loop on ``accelerate`` rather than ``transformers.Trainer``/TRL: speed, and
-guarantees. ``python -m bench`` on this 2-core AMX CPU: LoRA SFT 1.3x TRL's best settings
-and 1.7x its defaults (gradient checkpointing on; on CPUs without a native bf16 path TRL's
-default bf16 autocast is emulated and far slower), 2.2x on variable-length Alpaca (length
-grouping), at 0.97x a bare PyTorch loop. And the HF Trainer's checkpoints are not atomic
+guarantees. ``python -m bench`` on this 2-core AMX CPU: LoRA SFT 1.7x TRL's best settings
+and 2.0x its defaults (gradient checkpointing on; on CPUs without a native bf16 path TRL's
+default bf16 autocast is emulated and far slower), 2.3x on variable-length Alpaca (length
+grouping), 1.16x a bare PyTorch + PEFT loop (the LM head only on trained positions, LoRA
+dropout drawn without torch's serial RNG: ``models/dropout.py``). And the HF Trainer's checkpoints are not atomic
 and resume quietly without missing optimizer/RNG state. Here:
 
 - the data order of every epoch is a pure function of (seed, epoch), so the cursor is
