@@ -1,6 +1,6 @@
 """tunesmith against TRL and a plain loop, one configuration per process.
 
-    .venv/bin/python -m bench                       # the full run, ~20 min on 2 cores
+    .venv/bin/python -m bench                       # the full run, 16-19 min on 2 cores
     .venv/bin/python -m bench --quick               # every configuration, a few tiny steps (~6-10 min)
     .venv/bin/python -m bench --only sft-lora --datasets uniform --runners tunesmith,plain --steps 4
 
