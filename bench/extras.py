@@ -133,10 +133,14 @@ def _random_adapters(model_name: str, work: Path, n: int) -> list[str]:
     return folders
 
 
-def compare_row(model_name: str, work: Path, prompts: int = 60, new_tokens: int = 64, batch: int = 16) -> dict:
+def compare_row(model_name: str, work: Path, prompts: int = 60, new_tokens: int = 64, batch: int | None = None) -> dict:
     """``compare_models`` on base + 2 adapters (one base in memory), ``prompts`` prompts of the
-    built-in instruction-following suite, ``new_tokens`` new tokens, greedy, batch ``batch``."""
+    built-in instruction-following suite, ``new_tokens`` new tokens, greedy, batch ``batch``
+    (default: the CLI's)."""
+    from tunesmith.evaluate import GENERATION_BATCH
     from tunesmith.evaluate.compare import compare_models
+
+    batch = batch or GENERATION_BATCH
 
     specs = [model_name] + _random_adapters(model_name, work, 2)
     started = time.time()

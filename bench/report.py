@@ -78,6 +78,17 @@ def _x(x) -> str:
     return "—" if x is None else f"{x:.2f}x"
 
 
+def _dtype(r: dict) -> str:
+    return (r.get("dtype") or "").replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
+def _shown(target: dict) -> str:
+    """A target's measured value: a percentage, seconds or a ratio."""
+    v = target["value"]
+    return ("—" if v is None else f"{100 * v:.1f}%" if target.get("percent") else f"{v:.1f} s"
+            if target.get("seconds") else f"{v:.2f}x")
+
+
 def training_table(rows: list[dict]) -> Table:
     t = Table(title="training throughput (measured steps only; ratios = trained tokens/s over the baseline's)")
     for col in ("workload", "data", "runner", "dtype", "ckpt", "steps", "tok/s", "trained tok/s", "pairs/s",
@@ -88,8 +99,7 @@ def training_table(rows: list[dict]) -> Table:
             status = "pending" if r.get("pending") else "failed"
             t.add_row(r["workload"], r["dataset"], r["runner"], f"[yellow]{status}[/yellow]", *[""] * 12)
             continue
-        t.add_row(r["workload"], r["dataset"], r["runner"], (r.get("dtype") or "").replace("bfloat16", "bf16")
-                  .replace("float32", "fp32"), "on" if r.get("gradient_checkpointing") is True else "off",
+        t.add_row(r["workload"], r["dataset"], r["runner"], _dtype(r), "on" if r.get("gradient_checkpointing") is True else "off",
                   str(r["measured_steps"]), _f(r["tokens_per_s"]), _f(r["trained_tokens_per_s"]),
                   _f(r.get("pairs_per_s"), "{:.2f}"), _f(r["step_s_median"], "{:.2f}"), _f(r["pre_train_s"]),
                   _f(r.get("peak_rss_gib"), "{:.2f}"), _f(100 * r["mfu"] if r.get("mfu") is not None else None,
@@ -108,11 +118,8 @@ def targets_table(items: list[dict]) -> Table:
     for col in ("target", "goal", "measured", "runners", "result"):
         t.add_column(col)
     for it in items:
-        v = it["value"]
-        shown = ("—" if v is None else f"{100 * v:.1f}%" if it.get("percent") else f"{v:.1f} s" if it.get("seconds")
-                 else f"{v:.2f}x")
         res = "[dim]n/a[/dim]" if it["pass"] is None else "[green]PASS[/green]" if it["pass"] else "[red]FAIL[/red]"
-        t.add_row(it["target"], it["goal"], shown, it["detail"], res)
+        t.add_row(it["target"], it["goal"], _shown(it), it["detail"], res)
     return t
 
 
@@ -151,7 +158,7 @@ def markdown(result: dict) -> str:
         mfu = (f"{100 * r['mfu']:.1f}% / {100 * r['mfu_vs_fp32_peak']:.0f}%"
                if r.get("mfu") is not None and r.get("mfu_vs_fp32_peak") is not None else "—")
         lines.append(f"| {r['workload']} | {r['dataset']} | {r['runner']} | "
-                     f"{(r.get('dtype') or '').replace('bfloat16', 'bf16').replace('float32', 'fp32')} | "
+                     f"{_dtype(r)} | "
                      f"{r['trained_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['step_s_median']:.2f} | "
                      f"{_f(r.get('peak_rss_gib'), '{:.2f}')} | {mfu} | {_x(r.get('x_trl_default'))} | "
                      f"{_x(r.get('x_trl_best'))} | {_x(r.get('x_plain'))} |")
@@ -174,11 +181,8 @@ def markdown(result: dict) -> str:
                      f"new tokens, batch {c.get('batch')} | {c['seconds']:.1f} s |")
     lines += ["", "| target | goal | measured | runners | result |", "|---|---|---|---|---|"]
     for it in result.get("targets", []):
-        v = it["value"]
-        shown = ("—" if v is None else f"{100 * v:.1f}%" if it.get("percent") else f"{v:.1f} s" if it.get("seconds")
-                 else f"{v:.2f}x")
         res = "n/a" if it["pass"] is None else "PASS" if it["pass"] else "FAIL"
-        lines.append(f"| {it['target']} | {it['goal']} | {shown} | {it['detail']} | {res} |")
+        lines.append(f"| {it['target']} | {it['goal']} | {_shown(it)} | {it['detail']} | {res} |")
     return "\n".join(lines)
 
 

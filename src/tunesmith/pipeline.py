@@ -47,6 +47,7 @@ from pydantic import Field, ValidationError, model_validator
 from tunesmith import console
 from tunesmith.config import _explain, _Section, load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import GENERATION_BATCH
 
 LINEAGE = "lineage.json"
 BASE = "base"  # the pipeline's model, as a compare entry
@@ -57,7 +58,7 @@ class CompareSpec(_Section):
     suites: list[str] = Field(default_factory=lambda: ["instruction_following"],
                               description="built-in suite names or suite files")
     max_new_tokens: int = Field(64, gt=0, description="tokens generated per prompt")
-    batch_size: int = Field(8, gt=0, description="prompts per generation batch")
+    batch_size: int = Field(GENERATION_BATCH, gt=0, description="prompts per generation batch")
     limit: Optional[int] = Field(None, gt=0, description="first N prompts of each suite (quick runs)")
 
 

@@ -22,6 +22,7 @@ import typer
 from tunesmith import console
 from tunesmith.cli import app
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import GENERATION_BATCH
 
 _MODELS = "models: run folders, exports, base model names/folders or adapter folders"
 _SUITE = ("instruction_following, refusal_harmful, refusal_benign, accuracy, loss, preference; NAME=FILE for your "
@@ -29,7 +30,7 @@ _SUITE = ("instruction_following, refusal_harmful, refusal_benign, accuracy, los
 
 # Options shared by eval and compare (typer reads these default objects, it does not mutate them).
 MAX_NEW_TOKENS = typer.Option(256, "--max-new-tokens", help="tokens generated at most per prompt")
-BATCH_SIZE = typer.Option(16, "--batch-size", help="prompts decoded (or sequences scored) together")
+BATCH_SIZE = typer.Option(GENERATION_BATCH, "--batch-size", help="prompts decoded (or sequences scored) together")
 LIMIT = typer.Option(None, "--limit", help="only the first N records of each suite (quick runs)")
 TEMPERATURE = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)")
 TOP_P = typer.Option(1.0, "--top-p", help="nucleus sampling mass (with temperature > 0)")

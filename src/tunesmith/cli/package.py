@@ -20,6 +20,7 @@ import typer
 
 from tunesmith import console
 from tunesmith.cli import app
+from tunesmith.evaluate import GENERATION_BATCH
 
 _MODEL_HELP = "an export folder, a run folder, a base model name/folder (with --adapter: the adapter's base)"
 
@@ -70,7 +71,7 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (with temperature > 0)"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
-    batch_size: int = typer.Option(16, "--batch-size", help="prompts decoded together"),
+    batch_size: int = typer.Option(GENERATION_BATCH, "--batch-size", help="prompts decoded together"),
 ) -> None:
     from tunesmith.evaluate import generation as g
 

@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import GENERATION_BATCH
 from tunesmith.evaluate.runner import SUITES, EvalSettings, SuiteSpec, evaluate_models, headline, prompt_suite
 from tunesmith.evaluate.stats import paired_diff
 
@@ -53,8 +54,9 @@ def as_suites(prompts_or_suite: Any) -> list:
     return [prompt_suite("prompts", items)]
 
 
-def compare_models(specs: list[str], prompts_or_suite: Any, max_new_tokens: int = 256, batch_size: int = 16,
-                   limit: int | None = None, *, labels: list[str] | None = None, settings: EvalSettings | None = None,
+def compare_models(specs: list[str], prompts_or_suite: Any, max_new_tokens: int = 256,
+                   batch_size: int = GENERATION_BATCH, limit: int | None = None, *,
+                   labels: list[str] | None = None, settings: EvalSettings | None = None,
                    data: str | Path | None = None) -> dict[str, Any]:
     """The same prompts through every model: per-model outputs, metrics and per-item diffs
     against ``specs[0]`` (module docstring). ``labels`` name the models (default: the specs);

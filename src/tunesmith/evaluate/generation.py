@@ -22,6 +22,7 @@ import torch
 
 from tunesmith import console
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import GENERATION_BATCH
 
 from tunesmith.models.adapters import merged_adapter
 from tunesmith.models.runs import Run, adapter_chain, base_folder, read_run, run_of, run_task, trained_base
@@ -222,7 +223,8 @@ class _Bar:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = 16, progress: bool = False) -> list[str]:
+             top_p: float = 1.0, seed: int = 0, batch_size: int = GENERATION_BATCH,
+             progress: bool = False) -> list[str]:
     """One completion per prompt (a message list ending with a user turn), in input order.
 
     Prompts are rendered with the chat template and its generation prompt

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from tunesmith import console
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import likelihood
+from tunesmith.evaluate import GENERATION_BATCH, likelihood
 from tunesmith.evaluate.instructions import score_instructions
 from tunesmith.evaluate.pool import ModelPool, Subject
 from tunesmith.evaluate.refusal import REFUSAL_PATTERNS, score_refusal
@@ -58,7 +58,7 @@ class EvalSettings:
     """How every suite runs; one object, so that eval, compare and a pipeline agree."""
 
     max_new_tokens: int = 256  # tokens generated at most per prompt
-    batch_size: int = 16  # prompts decoded, or sequences scored, together
+    batch_size: int = GENERATION_BATCH  # prompts decoded, or sequences scored, together
     temperature: float = 0.0  # 0 = greedy: the same model and prompt always give the same text
     top_p: float = 1.0  # nucleus mass, with temperature > 0
     seed: int = 0  # sampling seed (greedy decoding does not use it)

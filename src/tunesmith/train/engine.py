@@ -5,8 +5,8 @@ guarantees. ``python -m bench`` on this 2-core AMX CPU: LoRA SFT 1.7x TRL's best
 and 2.0x its defaults (gradient checkpointing on; on CPUs without a native bf16 path TRL's
 default bf16 autocast is emulated and far slower), 2.3x on variable-length Alpaca (length
 grouping), 1.16x a bare PyTorch + PEFT loop (the LM head only on trained positions, LoRA
-dropout drawn without torch's serial RNG: ``models/dropout.py``). And the HF Trainer's checkpoints are not atomic
-and resume quietly without missing optimizer/RNG state. Here:
+dropout drawn without torch's serial RNG: ``models/dropout.py``). And the HF Trainer's
+checkpoints are not atomic and resume quietly without missing optimizer/RNG state. Here:
 
 - the data order of every epoch is a pure function of (seed, epoch), so the cursor is
   just the global step and a resumed run replays exactly the batches it would have seen;
