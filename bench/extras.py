@@ -137,7 +137,7 @@ def compare_row(model_name: str, work: Path, prompts: int = 60, new_tokens: int 
     """``compare_models`` on base + 2 adapters (one base in memory), ``prompts`` prompts of the
     built-in instruction-following suite, ``new_tokens`` new tokens, greedy, batch ``batch``
     (default: the CLI's)."""
-    from tunesmith.evaluate import GENERATION_BATCH
+    from tunesmith.infer import GENERATION_BATCH
     from tunesmith.evaluate.compare import compare_models
 
     batch = batch or GENERATION_BATCH

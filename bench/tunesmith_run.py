@@ -39,7 +39,7 @@ def config(spec: Spec, out: Path) -> dict:
 def run(spec: Spec, rec: Recorder) -> dict:
     from tunesmith.config import load_config
     from tunesmith.errors import TunesmithError
-    from tunesmith.train import forward
+    from tunesmith.models import forward
     from tunesmith.train.recipe import run as train
 
     out = Path(spec.work_dir) / "run"

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_dir, verify_manifest, write_manifest
 from tunesmith.train.checkpoint import (
-    atomic_dir,
     capture_rng,
     config_diff,
     find_checkpoints,
@@ -34,8 +34,6 @@ from tunesmith.train.checkpoint import (
     restore_rng,
     save_checkpoint,
     unflatten_state,
-    verify_manifest,
-    write_manifest,
 )
 
 # ---------------------------------------------------------------- a tiny run to resume
@@ -362,21 +360,16 @@ def test_keep_last_deletes_the_oldest_but_never_the_new_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
 
 
-# ---------------------------------------------------------------- no pickle, extra writers
+# ---------------------------------------------------------------- no pickle
 
 
 def test_no_pickle_anywhere(tmp_path, monkeypatch):
     model, opt, sched = build(0)
     gen = torch.Generator().manual_seed(1)
     run_steps(model, opt, sched, gen, 2)
-
-    def write_adapter(folder: Path):  # stands in for peft_model.save_pretrained(folder)
-        st.save_file({"lora_A": torch.ones(2, 2)}, folder / "adapter_model.safetensors")
-        (folder / "adapter_config.json").write_text('{"r": 2}')
-
-    path = save_run(tmp_path, 2, model, opt, sched, gen, extra_writers={"adapter": write_adapter})
+    path = save_run(tmp_path, 2, model, opt, sched, gen)
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    assert "adapter/adapter_model.safetensors" in json.loads((path / "manifest.json").read_text())["files"]
+    assert "model.safetensors" in json.loads((path / "manifest.json").read_text())["files"]
     for f in files:
         head = f.read_bytes()[:4]
         assert f.suffix in {".safetensors", ".json"}, f
@@ -388,8 +381,7 @@ def test_no_pickle_anywhere(tmp_path, monkeypatch):
     for mod, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
         monkeypatch.setattr(mod, name, refuse)
     ckpt = load_checkpoint(path)
-    assert ckpt.extra_dirs == {"adapter": path / "adapter"}
-    assert (ckpt.extra_dirs["adapter"] / "adapter_config.json").read_text() == '{"r": 2}'
+    assert torch.equal(ckpt.state_dicts["model"]["fc1.weight"], model.state_dict()["fc1.weight"])
 
 
 def test_atomic_dir_and_manifest_work_for_any_folder(tmp_path):

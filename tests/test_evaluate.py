@@ -18,8 +18,9 @@ from tiny import save_tiny_model
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.compare import as_suites, compare_models, item_diffs
-from tunesmith.evaluate.generation import generate, load_for_inference
-from tunesmith.evaluate.pool import ModelPool
+from tunesmith.infer.generate import generate
+from tunesmith.infer.load import load_for_inference
+from tunesmith.infer.pool import ModelPool
 from tunesmith.evaluate.runner import (
     SUITES, EvalSettings, SuiteSpec, evaluate_models, register_suite, resolve_suites, suite_for, summary,
 )
@@ -166,9 +167,29 @@ def test_preference_accuracy_by_implicit_reward_matches_training(runs):
     assert agg["margin"]["value"] == pytest.approx(final["eval_rewards/margins"], abs=1e-4)
 
 
+def test_both_spellings_of_ipo_are_scored_as_ipo_trained(runs):
+    """`method: ipo` and `method: dpo` + `loss_type: ipo` train the same loss, so the
+    preference suite scores both by IPO's per-token implicit reward (from the facts each
+    run.json records) and recomputes training's own held-out accuracy and margin."""
+    root, base, pairs = runs["root"], runs["base"], runs["pairs"]
+    ipo = _pref_run(root, base, pairs, "ipo", "ipo")
+    dpo_ipo = _pref_run(root, base, pairs, "dpo-ipo", "dpo", preference={"beta": 0.1, "loss_type": "ipo"})
+    result = evaluate_models([str(ipo), str(dpo_ipo)], ["preference"], FAST)
+    aggs = {r: result["results"]["preference"][str(r)]["aggregate"] for r in (ipo, dpo_ipo)}
+    assert aggs[ipo]["rule"] == aggs[dpo_ipo]["rule"]
+    assert "implicit reward" in aggs[ipo]["rule"] and "per token" in aggs[ipo]["rule"]
+    for r in (ipo, dpo_ipo):
+        final = final_metrics(r)
+        assert aggs[r]["accuracy"]["rate"] == pytest.approx(final["eval_rewards/accuracies"], abs=1e-6)
+        assert aggs[r]["margin"]["value"] == pytest.approx(final["eval_rewards/margins"], abs=1e-4)
+    facts = [json.loads((r / "run.json").read_text())["scoring"] for r in (ipo, dpo_ipo)]
+    assert facts[0] == facts[1] == {"rule": "implicit", "loss_type": "ipo", "beta": 0.1, "per_token": True,
+                                    "reference": True}
+
+
 def test_preference_accuracy_by_reward_model(runs):
     from tunesmith.models.load import load_scorer
-    from tunesmith.train.methods.reward import score_conversations
+    from tunesmith.infer.score import score_conversations
 
     result = evaluate_models([str(runs["reward"])], ["preference"], FAST, data=runs["pairs"])
     items = result["results"]["preference"][str(runs["reward"])]["items"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from test_export import tiny  # noqa: F401 — the module fixture: a tiny run and its two exports
-from tunesmith.evaluate.generation import generate, load_for_inference, stream
+from tunesmith.infer.generate import generate, stream
+from tunesmith.infer.load import load_for_inference
 
 PROMPTS = [
     [{"role": "user", "content": "Repeat: sea sky"}],

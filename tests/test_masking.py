@@ -12,7 +12,7 @@ import os
 import pytest
 from tiny import make_tokenizer
 
-from tunesmith.data.templates import DEFAULT_CHATML, ensure_chat_template
+from tunesmith.models.templates import DEFAULT_CHATML, ensure_chat_template
 from tunesmith.data.tokenize import (
     IGNORE_INDEX,
     tokenize_messages,
@@ -261,12 +261,12 @@ def test_preference_left_truncates_the_prompt_first():
 def test_ensure_chat_template_policy():
     tok = make_tokenizer("qwen2")
     assert ensure_chat_template(tok) == "model"
-    assert ensure_chat_template(tok, template=DEFAULT_CHATML) == "config"
     bare = make_tokenizer("mistral")
     bare.chat_template = None
     n = len(bare)
     assert ensure_chat_template(bare) == "chatml-default"
-    assert len(bare) == n + 2 and bare.eos_token == "<|im_end|>"
+    assert len(bare) == n + 2 and bare.eos_token == "<|im_end|>" and bare.chat_template == DEFAULT_CHATML
+    assert ensure_chat_template(bare) == "chatml-default"  # a folder saved with the default keeps saying so
     ex = tokenize_messages(SINGLE, bare)
     assert trained(ex) == expected_trained(bare, "chatml", ex.input_ids, [SINGLE[1]["content"]])
 

@@ -52,7 +52,7 @@ def test_reward_model_reloads_with_plain_transformers_and_ranks_pairs(reward_run
     from transformers import AutoTokenizer
 
     from tunesmith.models.load import load_scorer
-    from tunesmith.train.methods.reward import score_conversations
+    from tunesmith.infer.score import score_conversations
 
     final = Path(reward_run.output_dir) / "final"
     pairs = [json.loads(x) for x in Path(reward_run.data.train).read_text().splitlines()][:8]

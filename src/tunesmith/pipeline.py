@@ -21,6 +21,10 @@ GRPO reward-model folders) may name an earlier stage. Each train stage runs as t
 command in its own process (``python -m tunesmith train``): a clean memory measurement
 per stage, and exactly what a user would run by hand.
 
+Every ``tunesmith run`` ends with ``finish``: the report (``report.html`` + ``report.md``)
+of the train stages and the comparison, with sections a caller adds (the quickstart adds its
+"Before → after" table).
+
 Re-running: a stage's key is the sha256 of its resolved config, its data files and the
 final weights of the stages it reads. A stage whose key matches the one recorded in
 ``lineage.json`` and whose outputs exist is skipped; a train stage that was interrupted
@@ -39,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -47,7 +51,8 @@ from pydantic import Field, ValidationError, model_validator
 from tunesmith import console
 from tunesmith.config import _explain, _Section, load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import GENERATION_BATCH
+from tunesmith.files import folder_hash, sha256_file, write_text_atomic
+from tunesmith.infer import GENERATION_BATCH
 
 LINEAGE = "lineage.json"
 BASE = "base"  # the pipeline's model, as a compare entry
@@ -132,14 +137,6 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def folder_hash(folder: Path) -> str:
-    """sha256 over a folder's files (names + bytes): a stage's output identity."""
-    from tunesmith.train.checkpoint import sha256_file
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return _sha([(str(p.relative_to(folder)), sha256_file(p)) for p in files])
-
-
 class Lineage:
     """``lineage.json``: per stage, its key, inputs (with hashes), outputs and timings."""
 
@@ -152,9 +149,7 @@ class Lineage:
 
     def record(self, name: str, entry: dict) -> None:
         self.data["stages"][name] = entry
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)  # a crash never leaves half a lineage file
+        write_text_atomic(self.path, json.dumps(self.data, indent=2))  # a crash never leaves half a lineage file
 
 
 # ------------------------------------------------------------------------- the runner
@@ -226,8 +221,6 @@ class Pipeline:
         return raw, upstream, files
 
     def _key(self, stage: StageSpec, payload: Any, files: list[str], upstream: list[str]) -> str:
-        from tunesmith.train.checkpoint import sha256_file
-
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise TunesmithError(f"stage `{stage.name}`: data file {missing[0]} does not exist; check the path")
@@ -379,6 +372,25 @@ class Pipeline:
                      {"folder": str(folder)})
 
 
-def run_pipeline(path: str | Path) -> dict:
-    return Pipeline(load_pipeline(path)).run()
+# A report section a caller adds: (title, HTML, Markdown).
+Section = tuple[str, str, str]
+
+
+def finish(spec: PipelineSpec, sections: Callable[[Pipeline], list[Section]] | None = None) -> Pipeline:
+    """Run ``spec``, then write the report of its train stages and comparison
+    (``report.html`` + ``report.md``), with ``sections(pipeline)`` added, and say where it is."""
+    from tunesmith.evaluate.report import build_report
+
+    pipeline = Pipeline(spec)
+    pipeline.run()
+    runs = [pipeline.stage_dir(s.name) for s in spec.stages if s.kind == "train"]
+    comparison = next((pipeline.results[s.name] for s in spec.stages if s.kind == "compare"), None)
+    extra = sections(pipeline) if sections else []
+    html, md = pipeline.out / "report.html", pipeline.out / "report.md"
+    build_report(runs, comparison, html, md, extra_sections=[(title, body) for title, body, _ in extra])
+    if extra:
+        md.write_text(md.read_text() + "".join(f"\n\n## {title}\n\n{text}\n" for title, _, text in extra))
+    export = next((pipeline.results[s.name] for s in spec.stages if s.kind == "export"), None)
+    console.info(f"report: {html} (summary {md})" + (f"; exported model: {export}" if export else ""))
+    return pipeline
 

@@ -22,7 +22,7 @@ import typer
 from tunesmith import console
 from tunesmith.cli import app
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import GENERATION_BATCH
+from tunesmith.infer import GENERATION_BATCH
 
 _MODELS = "models: run folders, exports, base model names/folders or adapter folders"
 _SUITE = ("instruction_following, refusal_harmful, refusal_benign, accuracy, loss, preference; NAME=FILE for your "

@@ -20,7 +20,7 @@ import typer
 
 from tunesmith import console
 from tunesmith.cli import app
-from tunesmith.evaluate import GENERATION_BATCH
+from tunesmith.infer import GENERATION_BATCH
 
 _MODEL_HELP = "an export folder, a run folder, a base model name/folder (with --adapter: the adapter's base)"
 
@@ -73,18 +73,19 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
     batch_size: int = typer.Option(GENERATION_BATCH, "--batch-size", help="prompts decoded together"),
 ) -> None:
-    from tunesmith.evaluate import generation as g
+    from tunesmith.infer.generate import completion_record, generate, read_prompts
+    from tunesmith.infer.load import load_for_inference
 
     settings = _settings(max_new_tokens, temperature, top_p, seed)
-    records = g.read_prompts(prompts)  # refuse bad prompts before any weights load
-    m, tok, info = g.load_for_inference(model, adapter)
+    records = read_prompts(prompts)  # refuse bad prompts before any weights load
+    m, tok, info = load_for_inference(model, adapter)
     console.info(f"{info.describe}; {len(records)} prompts")
     started = time.time()
-    texts = g.generate(m, tok, [r["prompt"] for r in records], batch_size=batch_size, progress=True, **settings)
+    texts = generate(m, tok, [r["prompt"] for r in records], batch_size=batch_size, progress=True, **settings)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         for r, text in zip(records, texts):
-            f.write(json.dumps(g.completion_record(r, text), ensure_ascii=False) + "\n")
+            f.write(json.dumps(completion_record(r, text), ensure_ascii=False) + "\n")
     console.info(f"wrote {len(texts)} completions to {output} in {time.time() - started:.1f} s")
 
 
@@ -130,7 +131,8 @@ def chat(
     top_p: float = typer.Option(0.9, "--top-p", help="nucleus sampling mass"),
     seed: int = typer.Option(0, "--seed", help="sampling seed (reply n uses seed + n)"),
 ) -> None:
-    from tunesmith.evaluate.generation import load_for_inference, stream
+    from tunesmith.infer.generate import stream
+    from tunesmith.infer.load import load_for_inference
 
     settings = _settings(max_new_tokens, temperature, top_p, seed)
     m, tok, info = load_for_inference(model, adapter)

@@ -14,11 +14,11 @@ from tunesmith.cli import app
 @app.command(name="run", help="Run a pipeline file: stages under one folder with lineage; unchanged stages are "
                               "skipped, interrupted ones resumed, changed ones (and what follows) re-run.")
 def run_(pipeline: Path = typer.Argument(..., help="pipeline YAML (see examples/pipeline-*.yaml)")) -> None:
-    from tunesmith.pipeline import load_pipeline
-    from tunesmith.quickstart.run import finish_pipeline
+    from tunesmith.pipeline import finish, load_pipeline
+    from tunesmith.quickstart.run import sections_for
 
     spec = load_pipeline(pipeline)
-    finish_pipeline(spec)
+    finish(spec, sections_for(spec))
 
 
 @app.command(help="The tutorial in one command: SFT (LoRA and full) → DPO → base vs SFT vs DPO on held-out prompts "

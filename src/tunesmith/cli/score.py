@@ -9,16 +9,6 @@ import typer
 
 from tunesmith import console
 from tunesmith.cli import app
-from tunesmith.errors import TunesmithError
-
-
-def _reward_folder(path: Path) -> Path:
-    """A run folder means its final/; any folder with weights is taken as is."""
-    if (path / "final").is_dir():
-        return path / "final"
-    if not path.is_dir():
-        raise TunesmithError(f"reward model {path} does not exist; give a `method: reward` run folder or its final/")
-    return path
 
 
 def _split(rec: dict) -> list[tuple[str, list[dict], list[dict]]]:
@@ -40,11 +30,12 @@ def score(
     batch_size: int = typer.Option(8, help="sequences per forward pass"),
 ) -> None:
     from tunesmith.data.validate import load_records, write_jsonl
+    from tunesmith.infer.score import score_conversations
     from tunesmith.models.load import load_scorer
-    from tunesmith.train.methods.reward import score_conversations
+    from tunesmith.models.runs import weights_folder
 
     records = load_records(data, expect={"preference", "sft", "unpaired"}, purpose="scoring")
-    reward_model, tok = load_scorer(_reward_folder(model))
+    reward_model, tok = load_scorer(weights_folder(model))
     parts = [(i, name, p, r) for i, rec in enumerate(records) for name, p, r in _split(rec)]
     # score_conversations takes assistant text; multi-message responses keep their final assistant text
     texts = [next(m["content"] for m in reversed(r) if m["role"] == "assistant") for _, _, _, r in parts]

@@ -68,7 +68,6 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from tunesmith.data.schema import Message, Record, kind_of
-from tunesmith.data.templates import accepts_tools, renders_tool_calls
 from tunesmith.errors import TunesmithError
 
 IGNORE_INDEX = -100
@@ -101,6 +100,24 @@ class UnpairedExample:
 
 
 # -- rendering -----------------------------------------------------------------------
+
+
+def _template_text(tokenizer) -> str:
+    """The Jinja text of the tokenizer's chat template ('' when it has none)."""
+    t = tokenizer.chat_template
+    if isinstance(t, dict):  # a few tokenizers ship {"default": ..., "tool_use": ...}
+        t = t.get("default") or next(iter(t.values()), "")
+    return t or ""
+
+
+def renders_tool_calls(tokenizer) -> bool:
+    """Whether the template itself renders assistant ``tool_calls`` (Qwen2.5, Llama-3.1 do)."""
+    return "tool_calls" in _template_text(tokenizer)
+
+
+def accepts_tools(tokenizer) -> bool:
+    """Whether the template renders a ``tools=`` list (it mentions ``tools``)."""
+    return "tools" in _template_text(tokenizer)
 
 
 def _arguments(args: Any) -> Any:
@@ -161,8 +178,8 @@ def _check_prefix(full: str, part: str, what: str) -> None:
             f"the chat template is not prefix-stable: {what} is not a prefix of the whole "
             f"conversation (they differ at character {at}: {part[at:at + 40]!r} vs "
             f"{full[at:at + 40]!r}), so assistant turns cannot be masked; this template "
-            "rewrites earlier turns when later ones exist — use a template that does not "
-            "(set it in the config) or flatten the conversation"
+            "rewrites earlier turns when later ones exist — use a model whose template does not, "
+            "or flatten the conversation into one prompt and response"
         )
 
 

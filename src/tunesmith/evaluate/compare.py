@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import GENERATION_BATCH
+from tunesmith.infer import GENERATION_BATCH
 from tunesmith.evaluate.runner import SUITES, EvalSettings, SuiteSpec, evaluate_models, headline, prompt_suite
 from tunesmith.evaluate.stats import paired_diff
 

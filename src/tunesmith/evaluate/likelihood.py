@@ -7,11 +7,15 @@
 - ``preference``: how often the model ranks ``chosen`` above ``rejected`` on held-out
   pairs, by the score its training optimised (``preference_rule``):
 
-    reward run          the reward model's score (``train.methods.reward.score_conversations``)
+    reward run          the reward model's score (``infer.score.score_conversations``)
     DPO (IPO) / KTO     the implicit reward β·(log π − log π_ref) (IPO: per-token means), with
                         π_ref the model it was trained from: the adapter switched off
     SimPO / ORPO        β · mean per-token log π (they train without a reference)
     anything else       the model's own log π(chosen) > log π(rejected)
+
+  The rule comes from the facts the training method recorded in ``run.json`` (``scoring``:
+  rule, loss type, β, per-token or not; exports carry them in ``tunesmith.json``), so a
+  ``method: ipo`` run and a ``method: dpo, loss_type: ipo`` run are scored alike.
 
   Ties count as wrong, as in training's ``rewards/accuracies`` (at DPO's step 0 every
   implicit reward is 0 and the accuracy is 0).
@@ -93,7 +97,7 @@ def preference_records(inp) -> list[dict]:
 def sequence_logps(model, examples: list, pad_id: int, batch_size: int) -> list[tuple[float, int]]:
     """(sum of log p over trained tokens, trained tokens) per ``TokenizedExample``, in input
     order; batched longest first so a batch pads little."""
-    from tunesmith.train.forward import SequenceLogProbs
+    from tunesmith.models.forward import SequenceLogProbs
 
     scorer = SequenceLogProbs(model)
     device = next(model.parameters()).device
@@ -157,25 +161,24 @@ class PreferenceRule:
 
 
 def preference_rule(subject) -> PreferenceRule:
-    from tunesmith.train.methods.losses import LENGTH_NORMALISED, REFERENCE_FREE
-
     member = subject.member
     if member.is_scorer:
         return PreferenceRule("reward", 1.0, False, "reward model score")
-    pref = (member.run.config.get("preference") if member.run else None) or {}
-    beta = float(pref.get("beta", 0.1))
-    loss_type = pref.get("loss_type", "sigmoid") if member.method == "dpo" else member.method
-    per_token = loss_type in LENGTH_NORMALISED
-    if loss_type in REFERENCE_FREE:
-        return PreferenceRule("policy", beta, True, f"β·mean log π per token (β={beta:g}; {loss_type} has no reference)")
-    if member.method in ("dpo", "kto") and subject.has_reference():
+    facts = member.scoring or {}
+    rule, beta, per_token = facts.get("rule"), float(facts.get("beta", 1.0)), bool(facts.get("per_token"))
+    loss_type = facts.get("loss_type")
+    if rule == "policy":
+        return PreferenceRule("policy", beta, per_token,
+                              f"β·mean log π per token (β={beta:g}; {loss_type} has no reference)")
+    if rule == "implicit" and subject.has_reference():
         return PreferenceRule("implicit", beta, per_token, f"implicit reward β·(log π − log π_ref)"
-                              f"{' per token' if per_token else ''}, β={beta:g}, π_ref = the model it was trained from")
+                              f"{' per token' if per_token else ''}, β={beta:g}, π_ref = the model it was trained from "
+                              f"({loss_type})")
     return PreferenceRule("loglik", 1.0, False, "log π(chosen) > log π(rejected): no preference training recorded")
 
 
 def _reward_scores(subject, records: list[dict], settings) -> list[tuple[float, float]]:
-    from tunesmith.train.methods.reward import score_conversations
+    from tunesmith.infer.score import score_conversations
 
     def reply(messages: list[dict]) -> str:
         return next(m["content"] for m in reversed(messages) if m["role"] == "assistant")

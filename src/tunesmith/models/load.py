@@ -8,7 +8,6 @@ the local Hugging Face cache. Anything else is a clear error that says how to ge
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -150,10 +149,10 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def load_tokenizer(name_or_path: str):
-    """The model's tokenizer with a chat template ensured (see data.templates)."""
+    """The model's tokenizer with a chat template ensured (see models.templates)."""
     from transformers import AutoTokenizer
 
-    from tunesmith.data.templates import ensure_chat_template
+    from tunesmith.models.templates import ensure_chat_template
 
     folder = resolve_model(name_or_path)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -224,19 +223,6 @@ def load_scorer(folder: str | Path):
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
-
-
-def weights_hash(folder: str | Path) -> str:
-    """sha256 over the model's weight files (names + bytes), for manifests and lineage."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def cached_models() -> list[dict]:

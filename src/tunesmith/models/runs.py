@@ -1,5 +1,5 @@
-"""Reading what a training run wrote (``run.json``, ``config.yaml``, ``final/``) and
-rebuilding the model its weights were trained on.
+"""Reading what a training run wrote (``run.json``, ``config.yaml``, ``final/``) or an
+export holds (``tunesmith.json``), and rebuilding the model a run's weights were trained on.
 
 An adapter run whose ``init_from`` is another run's adapter was trained on base + that
 adapter *merged* (``train.recipe.load_init``), so its adapter is only meaningful on top
@@ -17,6 +17,8 @@ import torch
 import yaml
 
 from tunesmith.errors import TunesmithError
+
+EXPORT_MANIFEST = "tunesmith.json"  # written by tunesmith.export; marks an exported folder
 
 
 @dataclass
@@ -45,6 +47,16 @@ class Run:
     def init_is_adapter(self) -> bool:
         return self.init_from is not None and (self.init_from / "adapter_config.json").exists()
 
+    @property
+    def method(self) -> str | None:
+        return self.manifest.get("method") or self.config.get("method")
+
+    @property
+    def scoring(self) -> dict:
+        """How the method's outputs are scored afterwards (``train.methods.registry``
+        records it): ``{"rule", "loss_type", "beta", "per_token", "reference"}``."""
+        return self.manifest.get("scoring") or {}
+
 
 def read_run(run_dir: str | Path) -> Run:
     """A finished run folder, refused with the fix when it has no manifest or no final weights."""
@@ -62,11 +74,35 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(d, json.loads((d / "run.json").read_text()), config or {})
 
 
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run folder ``path`` names — the folder itself or its ``final/`` — if it is one."""
+    p = Path(path)
+    if (p / "run.json").is_file():
+        return p
+    return p.parent if p.name == "final" and (p.parent / "run.json").is_file() else None
+
+
 def run_of(folder: Path) -> Run | None:
     """The run a ``final/`` folder belongs to, if it sits inside one."""
     if folder.name == "final" and (folder.parent / "run.json").is_file():
         return read_run(folder.parent)
     return None
+
+
+def weights_folder(path: str | Path) -> Path:
+    """The folder holding a model's weights: a run folder means its ``final/``, any other
+    folder is taken as it is (an export, a ``final/``, a Hugging Face folder)."""
+    p = Path(path)
+    if (p / "run.json").is_file() and (p / "final").is_dir():
+        return p / "final"
+    if not p.is_dir():
+        raise TunesmithError(f"model folder {p} does not exist; give a run folder, its final/ or an export")
+    return p
+
+
+def read_export(folder: str | Path) -> dict:
+    """An exported folder's ``tunesmith.json``."""
+    return json.loads((Path(folder) / EXPORT_MANIFEST).read_text())
 
 
 def base_folder(run: Run) -> Path:

@@ -1,8 +1,10 @@
-"""``tunesmith quickstart`` and the end of every ``tunesmith run``: run the pipeline, then
-the report (comparison, curves, the quickstart's "Before → after" table) and the paths.
+"""``tunesmith quickstart``: the bundled pipeline, its "house format" suite and the
+"Before → after" section of its report.
 
 The quickstart's pipeline file is ``pipeline.yaml`` beside this module (``{data}`` stands
-for the bundled data folder); ``tunesmith quickstart --config`` prints it runnable.
+for the bundled data folder); ``tunesmith quickstart --config`` prints it runnable, and
+``tunesmith run`` on that file registers the suite and adds the section through
+``sections_for`` — nothing is registered for pipelines that do not use it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from tunesmith import console
-from tunesmith.pipeline import Pipeline, PipelineSpec, load_pipeline
+from tunesmith.pipeline import Pipeline, PipelineSpec, Section, finish, load_pipeline
 from tunesmith.quickstart.data import CONCISE_MAX_WORDS, DATA_DIR, answer_of, concise_ok, format_ok
 
 BUNDLED = Path(__file__).with_name("pipeline.yaml")
@@ -75,17 +77,16 @@ def score_house(records: list[dict], responses: list[str]) -> dict:
         "answer_accuracy": rate_summary([i["correct"] for i in items])}}
 
 
-def _register_suite() -> None:
-    from tunesmith.evaluate.runner import SuiteSpec, register_suite
+def register_suite() -> None:
+    """Add the house-format suite to the evaluation registry (idempotent)."""
+    from tunesmith.evaluate.runner import SuiteSpec
+    from tunesmith.evaluate.runner import register_suite as register
     from tunesmith.evaluate.scoring import load_suite
 
-    register_suite(SuiteSpec(
+    register(SuiteSpec(
         SUITE, f"the quickstart's 48 held-out questions: the house format (ANSWER/WHY), a WHY of at most "
                f"{CONCISE_MAX_WORDS} words, and the right answer", lambda inp: load_suite(str(DATA_DIR / EVAL_FILE)),
         "format_rate", score=score_house))
-
-
-_register_suite()  # on import (so `tunesmith run` on the printed pipeline knows it) and again per run
 
 
 def _pct(rate: dict) -> str:
@@ -171,27 +172,26 @@ def before_after_md(rows: list[dict], checks: list[str]) -> str:
 # ------------------------------------------------------------------------ the endings
 
 
-def finish_pipeline(spec: PipelineSpec) -> Pipeline:
-    """Run ``spec``, then write the report of its train stages and comparison."""
-    _register_suite()  # idempotent; the registry may have been reset since import (tests do)
-    pipeline = Pipeline(spec)
-    pipeline.run()
-    from tunesmith.evaluate.report import build_report
-
-    runs = [pipeline.stage_dir(s.name) for s in spec.stages if s.kind == "train"]
-    comparison = next((pipeline.results[s.name] for s in spec.stages if s.kind == "compare"), None)
+def report_sections(pipeline: Pipeline) -> list[Section]:
+    """The "Before → after" section (and its PASS/FAIL lines on the console), when the
+    pipeline compared models on the house-format suite."""
     rows, checks = before_after(pipeline)
-    extra = [("Before → after", before_after_html(rows, checks))] if rows else []
-    html, md = pipeline.out / "report.html", pipeline.out / "report.md"
-    build_report(runs, comparison, html, md, extra_sections=extra)
-    if rows:
-        md.write_text(md.read_text() + "\n\n## Before → after\n\n" + before_after_md(rows, checks) + "\n")
-        for c in checks:
-            console.info(c)
-    export = next((pipeline.results[s.name] for s in spec.stages if s.kind == "export"), None)
-    console.info(f"report: {html} (summary {md})" + (f"; exported model: {export}" if export else ""))
-    return pipeline
+    if not rows:
+        return []
+    for c in checks:
+        console.info(c)
+    return [("Before → after", before_after_html(rows, checks), before_after_md(rows, checks))]
+
+
+def sections_for(spec: PipelineSpec):
+    """For ``tunesmith run``: the quickstart's report sections when ``spec`` compares on
+    its suite (which is then registered), else None."""
+    if not any(stage.compare is not None and SUITE in stage.compare.suites for stage in spec.stages):
+        return None
+    register_suite()
+    return report_sections
 
 
 def run_quickstart(output_dir: str | None = None, model: str | None = None, scale: float = 1.0) -> Pipeline:
-    return finish_pipeline(quickstart_spec(output_dir, model, scale))
+    register_suite()  # the registry may have been reset since an earlier run (tests do)
+    return finish(quickstart_spec(output_dir, model, scale), report_sections)

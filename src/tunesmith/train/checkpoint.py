@@ -3,7 +3,6 @@
 Layout of ``output_dir/checkpoint-STEP/`` (Hugging Face naming)::
 
     NAME.safetensors              one per state dict the caller gives ("model", "adapter")
-    NAME/                         one folder per extra writer (e.g. PEFT save_pretrained)
     optimizer.safetensors + .json tensors + JSON skeleton (see ``flatten_state``)
     scheduler.safetensors + .json
     rng.safetensors + .json       python, numpy, torch CPU/CUDA and named torch.Generators
@@ -21,17 +20,11 @@ and ``torch.load`` is never called. One process saves into an ``output_dir`` at 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
 import random
 import re
-import secrets
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +34,9 @@ import safetensors.torch as st
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import (MANIFEST, atomic_dir, manifest_problem, read_json, recover, remove_dir, verify_manifest,
+                             write_json, write_manifest)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 _STATES = ("optimizer", "scheduler", "rng")  # flattened: NAME.safetensors + NAME.json
 _DOCS = ("cursor", "trainer_state", "config")  # plain JSON
 _RESERVED = {*_STATES, *_DOCS, "manifest"}
@@ -58,7 +51,6 @@ class Checkpoint:
     path: Path
     step: int
     state_dicts: dict[str, dict[str, torch.Tensor]]  # {"model": sd} or {"adapter": sd}
-    extra_dirs: dict[str, Path]  # folders written by extra_writers, e.g. {"adapter": path}
     optimizer_state: Any  # ready for optimizer.load_state_dict
     scheduler_state: Any  # ready for scheduler.load_state_dict
     rng_state: dict  # ready for restore_rng
@@ -173,133 +165,7 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = Non
         gen.set_state(state["generators"][name])
 
 
-# ---------------------------------------------------------------- files, manifest, atomic folders
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):  # 1 MiB reads keep memory flat on multi-GB shards
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: str | os.PathLike) -> None:
-    # Works on files and folders alike; a new or renamed entry is durable only once its
-    # folder is flushed too. Flushes a file's pages whichever descriptor wrote them.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_manifest(folder: str | os.PathLike, extra: dict | None = None) -> dict:
-    """Write ``manifest.json`` listing sha256 and size of every other file under ``folder``."""
-    folder = Path(folder)
-    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    files = {f: {"sha256": sha256_file(folder / f), "size": (folder / f).stat().st_size} for f in names}
-    files.pop(MANIFEST, None)
-    manifest = {"format_version": FORMAT_VERSION, **(extra or {}), "files": files}
-    _write_json(folder / MANIFEST, manifest)
-    return manifest
-
-
-def _problem(folder: Path, full: bool) -> tuple[dict | None, str | None]:
-    """``(manifest, first thing wrong with folder)``; sizes only unless ``full`` (sha256)."""
-    try:
-        manifest = _read_json(folder / MANIFEST)
-    except FileNotFoundError:
-        return None, f"{MANIFEST} is missing (the save never finished)"
-    except (OSError, ValueError):
-        return None, f"{MANIFEST} is unreadable"
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        return None, f"{MANIFEST} has no file list"
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        return None, f"it was written by a newer tunesmith (format {manifest['format_version']})"
-    for name, want in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            return manifest, f"{name} is missing"
-        if path.stat().st_size != want["size"]:
-            return manifest, f"{name} has {path.stat().st_size} bytes where {MANIFEST} says {want['size']}"
-        if full and sha256_file(path) != want["sha256"]:
-            return manifest, f"{name} is corrupted (its sha256 differs from {MANIFEST})"
-    return manifest, None
-
-
-def verify_manifest(folder: str | os.PathLike, *, kind: str = "folder", fix: str = "write it again") -> dict:
-    """Check every file's size and sha256 against ``manifest.json``; return the manifest.
-
-    Raises TunesmithError "<kind> <folder>: <what is wrong>; <fix>".
-    """
-    manifest, problem = _problem(Path(folder), full=True)
-    if problem:
-        raise TunesmithError(f"{kind} {folder}: {problem}; {fix}")
-    return manifest
-
-
-def _recover(parent: Path, name_re: str) -> None:
-    """Undo what a crash left beside ``parent/<name>``: unfinished ``.tmp-`` folders are
-    dropped; an ``.old-`` copy whose replacement never arrived is put back."""
-    for p in sorted(parent.iterdir()):
-        m = re.fullmatch(rf"\.(tmp|old)-({name_re})-[a-z0-9_]+", p.name)
-        if not m or not p.is_dir():
-            continue
-        if m[1] == "old" and not (parent / m[2]).exists():
-            os.rename(p, parent / m[2])
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _remove_dir(path: Path) -> None:
-    # Rename first: a crash mid-rmtree then leaves a .tmp- folder, never a half checkpoint.
-    doomed = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
-    os.rename(path, doomed)
-    shutil.rmtree(doomed)
-
-
-@contextlib.contextmanager
-def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``final_path``; on success fsync it and rename
-    it to ``final_path`` (replacing an existing one); on any exception remove it."""
-    final = Path(final_path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _recover(final.parent, re.escape(final.name))
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint is an ordinary folder
-    try:
-        yield tmp
-        for dirpath, _, files in os.walk(tmp):
-            for path in (dirpath, *(os.path.join(dirpath, f) for f in files)):
-                _fsync(path)
-        old = None
-        if final.exists():
-            # No portable atomic swap of folders: move the old one aside, rename, drop it.
-            # A crash between the two renames leaves .old-NAME, which lookup still finds
-            # and the next save renames back.
-            old = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
-            os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except BaseException:
-            if old is not None:
-                os.rename(old, final)
-            raise
-        _fsync(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)  # the save succeeded; _recover drops leftovers
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any, **kw: Any) -> None:
-    path.write_text(json.dumps(obj, **kw) + "\n", encoding="utf-8")
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+# ---------------------------------------------------------------- tensors
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -328,24 +194,18 @@ def save_checkpoint(
     cursor: dict,
     trainer_state: dict,
     config: dict,
-    extra_writers: dict[str, Callable[[Path], None]] | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write ``output_dir/checkpoint-STEP`` atomically and return its path.
-
-    ``extra_writers[name](folder)`` writes its own files into ``checkpoint-STEP/name/``
-    (e.g. ``lambda d: peft_model.save_pretrained(d)``). ``keep_last=K`` then deletes the
-    lowest-step complete checkpoints beyond K, never the one just written.
-    """
-    extra_writers = extra_writers or {}
-    names = [*state_dicts, *extra_writers]
+    """Write ``output_dir/checkpoint-STEP`` atomically and return its path. ``keep_last=K``
+    then deletes the lowest-step complete checkpoints beyond K, never the one just written."""
+    names = list(state_dicts)
     if clash := (_RESERVED & set(names)) | {n for n in names if names.count(n) > 1}:
         raise ValueError(f"checkpoint part names {sorted(clash)} are reserved or repeated")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _recover(root, _STEP_NAME)
+    recover(root, _STEP_NAME)
     final = root / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         for name, sd in state_dicts.items():
@@ -353,19 +213,15 @@ def save_checkpoint(
         for name, state in zip(_STATES, (optimizer_state, scheduler_state, rng_state)):
             tensors, skeleton = flatten_state(state)
             _save_tensors(tensors, tmp / f"{name}.safetensors")
-            _write_json(tmp / f"{name}.json", skeleton, allow_nan=False)  # floats are tagged
+            write_json(tmp / f"{name}.json", skeleton, allow_nan=False)  # floats are tagged
         for name, doc in zip(_DOCS, (cursor, trainer_state, config)):
             # default=str: a Path in the config is stored as its text, as config_diff compares it
-            _write_json(tmp / f"{name}.json", doc, indent=1, default=str)
-        for name, write in extra_writers.items():
-            (tmp / name).mkdir()
-            write(tmp / name)
-        layout = {"state_dicts": sorted(state_dicts), "extra_dirs": sorted(extra_writers)}
-        write_manifest(tmp, {"kind": "checkpoint", "step": step, **layout})
+            write_json(tmp / f"{name}.json", doc, indent=1, default=str)
+        write_manifest(tmp, {"kind": "checkpoint", "step": step, "state_dicts": sorted(state_dicts)})
     if keep_last is not None:
         others = [p for p in find_checkpoints(root)[0] if p != final]
         for p in others[: max(0, len(others) + 1 - keep_last)]:
-            _remove_dir(p)
+            remove_dir(p)
     return final
 
 
@@ -390,7 +246,7 @@ def find_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[tu
         found.append((int(m[1] or m[2]), p))
     complete, incomplete = [], []
     for _, p in sorted(found):
-        _, problem = _problem(p, full=False)
+        _, problem = manifest_problem(p, full=False)
         if problem:
             incomplete.append((p, problem))
         else:
@@ -417,19 +273,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise TunesmithError(f"checkpoint {folder}: {name} is missing; {_RESUME_FIX}")
 
     def state(name: str) -> Any:
-        return unflatten_state(st.load_file(folder / f"{name}.safetensors"), _read_json(folder / f"{name}.json"))
+        return unflatten_state(st.load_file(folder / f"{name}.safetensors"), read_json(folder / f"{name}.json"))
 
     return Checkpoint(
         path=folder,
         step=int(manifest["step"]),
         state_dicts={n: st.load_file(folder / f"{n}.safetensors") for n in manifest["state_dicts"]},
-        extra_dirs={n: folder / n for n in manifest["extra_dirs"]},
         optimizer_state=state("optimizer"),
         scheduler_state=state("scheduler"),
         rng_state=state("rng"),
-        cursor=_read_json(folder / "cursor.json"),
-        trainer_state=_read_json(folder / "trainer_state.json"),
-        config=_read_json(folder / "config.json"),
+        cursor=read_json(folder / "cursor.json"),
+        trainer_state=read_json(folder / "trainer_state.json"),
+        config=read_json(folder / "config.json"),
         manifest=manifest,
     )
 

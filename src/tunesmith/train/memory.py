@@ -5,13 +5,15 @@ Transformer Models", eq. 2): per layer s*b*h*(34 + 5*a*s/h) bytes at 16-bit, dou
 fp32; attention via SDPA avoids the 5*a*s/h score term, kept anyway as a safe margin.
 The LM head's logits (b*s*V fp32, plus the same again for log-softmax and its gradient)
 are added separately as an upper bound: at V=49,152, b=8, s=512 that is 3 x 0.8 GB, but
-train/forward.py runs the head on trained tokens only, so the real figure is that times
+models/forward.py runs the head on trained tokens only, so the real figure is that times
 the trained fraction.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from tunesmith.errors import TunesmithError
 
 
 @dataclass
@@ -48,6 +50,31 @@ def estimate(*, total_params: int, trainable_params: int, weight_bytes: float, a
     logits = 3 * batch * seq * vocab * 4
     return MemoryEstimate(weights=int((total_params + ref_params) * weight_bytes), gradients=trainable_params * 4,
                           optimizer=trainable_params * 8, activations=int(acts), logits=logits)
+
+
+def plan(*, checkpointing: bool | str, limit: int, full: bool, **sizes) -> tuple[MemoryEstimate, bool]:
+    """(estimate of one training step, whether gradient checkpointing is on), refused in one
+    sentence when even that does not fit in ``limit`` bytes. ``checkpointing``: True,
+    False or "auto" (on only when it makes the step fit); ``sizes``: ``estimate``'s sizes."""
+    est = estimate(**sizes, checkpointing=False)
+    on = checkpointing is True or (checkpointing == "auto" and est.total > limit
+                                   and estimate(**sizes, checkpointing=True).total <= limit)
+    if on:
+        est = estimate(**sizes, checkpointing=True)
+    if est.total > limit:
+        gib = lambda x: f"{x / 2**30:.1f} GiB"  # noqa: E731
+        hint = ("use LoRA instead (remove `full: true`; a rank-8 adapter trains ~1% of the weights)"
+                if full else "lower train.batch_size or data.max_length")
+        raise TunesmithError(f"the estimated memory of a training step, {gib(est.total)}, exceeds the "
+                             f"{gib(limit)} available; {hint}")
+    return est, on
+
+
+def budget(limit_gib: float | None, device: str, processes: int) -> int:
+    """Bytes one process may use: the configured limit, else what the device has free;
+    CPU processes share the host's RAM, so each gets its share."""
+    limit = int(limit_gib * 2**30) if limit_gib else available_bytes(device)
+    return limit // (processes if device == "cpu" else 1)
 
 
 def available_bytes(device: str) -> int:

@@ -2,13 +2,16 @@
 
     tunesmith train examples/sft-lora.yaml
 
-Reads top to bottom. Methods differ only in which records they accept, how they
-tokenize, and the object that collates and computes the loss (``build_method``).
+Reads top to bottom (``run``). What differs between methods — which records they accept,
+how they are prepared, the reference, the object that collates and computes the loss,
+how the result is scored afterwards — is one row of ``train/methods/registry.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -17,25 +20,23 @@ from pathlib import Path
 import torch
 
 from tunesmith import console, hardware
-from tunesmith.config import RunConfig, save_config
+from tunesmith.config import RunConfig, TrainConfig, save_config
 from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_dir, sha256_file, weights_hash
+from tunesmith.models import load_model, load_tokenizer, resolve_model
+from tunesmith.models.adapters import attach_lora, check_qlora_supported, count_parameters, quantization_config
+from tunesmith.models.forward import SequenceLogProbs, TokenLogProbs
+from tunesmith.models.runs import run_of, trained_base
+from tunesmith.models.templates import ensure_chat_template
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import memory
+from tunesmith.train.engine import LoopArgs, fit
+from tunesmith.train.methods import reference as refs
+from tunesmith.train.methods.registry import BuildContext, MethodRow, row
 
 # Keys that may change between a run and its --resume without altering training.
 RESUME_IGNORE = frozenset({"resume", "output_dir", "report_to", "train.save_steps", "train.save_total_limit",
                            "train.eval_steps", "train.logging_steps", "train.threads", "data.eval"})
-
-METHOD_KINDS = {"sft": {"sft", "text"}, "dpo": {"preference"}, "ipo": {"preference"}, "simpo": {"preference"},
-                "orpo": {"preference"}, "kto": {"unpaired", "preference"}, "reward": {"preference"},
-                "grpo": {"prompt", "sft"}}
-PAIRWISE = ("dpo", "ipo", "simpo", "orpo")
-PAIRED_DATA = PAIRWISE + ("reward",)  # items are (chosen, rejected) pairs
-TWO_ROWS = PAIRED_DATA + ("kto",)  # methods whose items are two sequences (a micro-batch of B is 2B rows)
-
-
-def uses_reference(cfg: RunConfig) -> bool:
-    from tunesmith.train.methods.losses import REFERENCE_FREE
-
-    return cfg.method == "kto" or (cfg.method in PAIRWISE and cfg.method not in REFERENCE_FREE)
 
 
 def _count(n: int) -> str:
@@ -50,6 +51,9 @@ def _as_list(x) -> list[str]:
     return [] if x is None else [x] if isinstance(x, str) else list(x)
 
 
+# ---------------------------------------------------------------- data
+
+
 @dataclass
 class Prepared:
     train: list
@@ -60,140 +64,25 @@ class Prepared:
     trained_tokens: int
 
 
-def tokenize_all(records: list[dict], tokenizer, cfg: RunConfig, what: str) -> tuple[list, int, int]:
-    """Tokenize with the data layer's masking contract; pairs for preference methods."""
-    from tunesmith.data.schema import unpair
-    from tunesmith.data.tokenize import tokenize_preference, tokenize_record, tokenize_unpaired
-
-    if cfg.method == "kto":  # paired data trains KTO as two unpaired examples
-        records = [u for r in records for u in unpair(r)]
-    out, dropped, truncated = [], 0, 0
-    for i, r in enumerate(records):
-        if cfg.method in PAIRED_DATA:
-            ex = tokenize_preference(r, tokenizer, max_length=cfg.data.max_length, on_overflow="drop")
-        elif cfg.method == "kto":
-            ex = tokenize_unpaired(r, tokenizer, max_length=cfg.data.max_length, on_overflow="drop")
-        else:
-            ex = tokenize_record(r, tokenizer, max_length=cfg.data.max_length, train_on=cfg.data.train_on,
-                                 on_overflow="drop")
-        if ex is None:
-            if cfg.data.on_overflow == "error":
-                raise TunesmithError(
-                    f"{what} record {i} would lose every trained token at data.max_length={cfg.data.max_length}; "
-                    f"raise data.max_length or set data.on_overflow: drop (`tunesmith data check` lists them all)")
-            dropped += 1
-            continue
-        seqs = [ex.chosen, ex.rejected] if cfg.method in PAIRED_DATA else [ex.completion] if cfg.method == "kto" else [ex]
-        truncated += any(x.truncated for x in seqs)
-        out.append(ex)
-    if cfg.method == "kto" and out:
-        from tunesmith.train.methods.kto import kl_pairs
-
-        out = kl_pairs(out, cfg.data.max_length, cfg.train.seed)
-    return out, dropped, truncated
-
-
-def prompt_items(records: list[dict], tokenizer, cfg: RunConfig) -> list:
-    """GRPO prompts, left-truncated so that prompt + max_new_tokens fits data.max_length.
-    An SFT record serves as a prompt too: its last assistant message becomes the
-    ``answer`` column that reward functions receive."""
-    from tunesmith.data.tokenize import tokenize_record
-    from tunesmith.train.methods.grpo import PromptItem
-
-    room = cfg.data.max_length - cfg.grpo.max_new_tokens
-    if room < 8:
-        raise TunesmithError(f"data.max_length {cfg.data.max_length} leaves {room} prompt tokens after "
-                             f"grpo.max_new_tokens {cfg.grpo.max_new_tokens}; raise max_length or lower max_new_tokens")
-    items = []
-    for r in records:
-        meta = dict(r.get("meta") or {})
-        if "messages" in r:
-            last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
-            meta.setdefault("answer", r["messages"][last]["content"])
-            r = {"prompt": r["messages"][:last], **({"tools": r["tools"]} if r.get("tools") else {})}
-        ex = tokenize_record({k: v for k, v in r.items() if k != "meta"}, tokenizer, max_length=room)
-        items.append(PromptItem(ex.input_ids, r["prompt"], meta))
-    return items
-
-
-def prepare_data(cfg: RunConfig, tokenizer) -> Prepared:
-    from tunesmith.data.batches import pack_examples
+def prepare_data(cfg: RunConfig, tokenizer, method: MethodRow | None = None) -> Prepared:
+    """Read, validate and prepare the train and eval splits for the run's method."""
     from tunesmith.data.validate import load_records, split_records
 
-    kinds = METHOD_KINDS[cfg.method]
-    train_recs = load_records(_as_list(cfg.data.train), format=cfg.data.format, columns=cfg.data.columns, expect=kinds)
+    method = method or row(cfg)
+    read = dict(format=cfg.data.format, columns=cfg.data.columns, expect=set(method.kinds))
+    train_recs = load_records(_as_list(cfg.data.train), **read)
     if cfg.data.eval:
-        eval_recs = load_records(_as_list(cfg.data.eval), format=cfg.data.format, columns=cfg.data.columns, expect=kinds)
+        eval_recs = load_records(_as_list(cfg.data.eval), **read)
     elif cfg.data.eval_split > 0:
         train_recs, eval_recs = split_records(train_recs, cfg.data.eval_split, cfg.train.seed)
     else:
         eval_recs = []
-    if cfg.method == "grpo":
-        train, evals = prompt_items(train_recs, tokenizer, cfg), prompt_items(eval_recs, tokenizer, cfg)
-        return Prepared(train, evals, [len(p.input_ids) for p in train], 0, 0, 0)
-    train, dropped, truncated = tokenize_all(train_recs, tokenizer, cfg, "training")
-    evals, _, _ = tokenize_all(eval_recs, tokenizer, cfg, "eval")
-    if cfg.method in TWO_ROWS:
-        if cfg.data.packing:
-            raise TunesmithError("data.packing applies to sft only; remove it for preference methods")
-        pairs = [(p.chosen, p.rejected) if cfg.method in PAIRED_DATA else (p.example.completion, p.kl) for p in train]
-        lengths = [len(a.input_ids) + len(b.input_ids) for a, b in pairs]
-        # KTO trains on the example only (its KL row runs without gradients).
-        trained = sum(a.n_trained + (b.n_trained if cfg.method in PAIRED_DATA else 0) for a, b in pairs)
-        return Prepared(train, evals, lengths, dropped, truncated, trained)
-    if cfg.data.packing:
-        train = pack_examples(train, cfg.data.max_length)
-        evals = pack_examples(evals, cfg.data.max_length) if evals else []
-        lengths = [sum(len(e.input_ids) for e in p) for p in train]
-    else:
-        lengths = [len(e.input_ids) for e in train]
-    trained = sum(e.n_trained for e in (x for p in train for x in (p if cfg.data.packing else [p])))
-    return Prepared(train, evals, lengths, dropped, truncated, trained)
+    train = method.prepare(train_recs, tokenizer, cfg, "training")
+    evals = method.prepare(eval_recs, tokenizer, cfg, "eval")
+    return Prepared(train.items, evals.items, train.lengths, train.dropped, train.truncated, train.trained)
 
 
-def build_method(cfg: RunConfig, tokenizer, ref_model=None):
-    from tunesmith.train.methods.kto import KTO
-    from tunesmith.train.methods.preference import Preference
-    from tunesmith.train.methods.sft import SFT
-
-    if cfg.method == "sft":
-        return SFT(tokenizer.pad_token_id, packing=cfg.data.packing)
-    if cfg.method == "kto":
-        p = cfg.preference
-        if cfg.train.batch_size < 2:
-            raise TunesmithError("method kto needs train.batch_size >= 2 (its KL estimate averages over the "
-                                 "micro-batch; at 1 it would equal the example's own reward); raise it")
-        return KTO(tokenizer.pad_token_id, beta=p.beta, desirable_weight=p.desirable_weight,
-                   undesirable_weight=p.undesirable_weight, ref_model=ref_model)
-    if cfg.method in PAIRWISE:
-        p = cfg.preference
-        loss_type = p.loss_type if cfg.method == "dpo" else cfg.method
-        if cfg.method == "dpo" and loss_type not in ("sigmoid", "hinge", "ipo", "robust"):
-            raise TunesmithError(f"preference.loss_type = {loss_type!r} is not a DPO variant; use sigmoid, hinge, "
-                                 f"ipo or robust (or method: simpo / orpo)")
-        return Preference(tokenizer.pad_token_id, loss_type=loss_type, beta=p.beta,
-                          label_smoothing=p.label_smoothing, simpo_gamma=p.simpo_gamma, sft_weight=p.sft_weight,
-                          ref_model=ref_model)
-    if cfg.method == "reward":
-        from tunesmith.train.methods.reward import Reward
-
-        return Reward(tokenizer.pad_token_id, margin=cfg.reward.margin,
-                      center_coefficient=cfg.reward.center_coefficient)
-    raise TunesmithError(f"method {cfg.method!r} is not available yet in this version")
-
-
-def build_grpo(cfg: RunConfig, tokenizer, model, ref_model, autocast, out: Path):
-    from tunesmith.train.methods.grpo import GRPO
-    from tunesmith.train.methods.rewards import Rewards
-
-    g = cfg.grpo
-    method = GRPO(tokenizer, model, Rewards(g.reward_funcs, g.reward_weights, cfg.data.max_length),
-                  num_generations=g.num_generations, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                  top_p=g.top_p, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
-                  scale_rewards=g.scale_rewards, autocast=autocast, log_path=out / "completions.jsonl",
-                  log_completions=g.log_completions, logging_steps=cfg.train.logging_steps)
-    method.reference.model = ref_model
-    return method
+# ---------------------------------------------------------------- model and reference
 
 
 def load_init(model, init_from: str, task: str = "causal"):
@@ -202,10 +91,6 @@ def load_init(model, init_from: str, task: str = "causal"):
     full-weights folder replaces the base. A reward model (``task="score"``) takes the
     SFT run's transformer the same way, with a new score head."""
     from peft import PeftModel
-
-    from tunesmith.models import load_model
-
-    from tunesmith.models.runs import run_of, trained_base
 
     p = Path(init_from)
     if (p / "adapter_config.json").exists():
@@ -219,38 +104,55 @@ def load_init(model, init_from: str, task: str = "causal"):
                          f"(config.json); point it at an earlier run's final/ folder")
 
 
-def build_reference(cfg: RunConfig, model, device):
-    """The frozen reference model (a ``SequenceLogProbs``), or None when the policy's own
-    adapter-disabled pass is the reference (LoRA), the method is reference-free, or a
-    full fine-tuning run precomputes from its own starting weights."""
-    import copy
+def build_model(cfg: RunConfig, method: MethodRow, tokenizer, template_source: str, dtype, is_main: bool):
+    """The policy: the base (4-bit for QLoRA), started from ``init_from``, the vocabulary
+    grown for added template tokens, and the adapter attached."""
+    quantized = cfg.lora is not None and cfg.lora.qlora
+    kwargs = {"quantization_config": quantization_config(dtype)} if quantized else {}
+    model = load_model(cfg.model, dtype=torch.float32 if not quantized else dtype,
+                       trust_remote_code=cfg.trust_remote_code, task=method.task, **kwargs)
+    if method.task == "score":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.init_from:
+        model = load_init(model, cfg.init_from, method.task)
+    model.config.use_cache = False
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # ensure_chat_template added ChatML tokens to a template-less tokenizer (as TRL's
+        # setup_chat_format does): their embeddings start untrained.
+        model.resize_token_embeddings(len(tokenizer))
+        if is_main:
+            console.warn(f"added {template_source} special tokens: embeddings resized to {len(tokenizer)}; "
+                         f"with LoRA set `lora.modules_to_save: [embed_tokens, lm_head]` so they train")
+    if cfg.lora is not None:
+        lo = cfg.lora
+        model = attach_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
+                            rslora=lo.rslora, dora=lo.dora, modules_to_save=lo.modules_to_save, quantized=quantized,
+                            task_type="SEQ_CLS" if method.task == "score" else "CAUSAL_LM")
+    return model
 
-    from tunesmith.models import load_model
-    from tunesmith.train.forward import SequenceLogProbs
 
+def build_reference(cfg: RunConfig, kind: str | None, model, device):
+    """The frozen reference (a ``SequenceLogProbs``, or ``TokenLogProbs`` for GRPO's KL), or
+    None when the policy's own adapter-disabled pass is the reference (LoRA), the method
+    has none, or a full fine-tuning run precomputes from its own starting weights."""
     p = cfg.preference
-    if cfg.method == "grpo":  # KL to the starting policy: adapter disabled, or a frozen copy
-        from tunesmith.train.forward import TokenLogProbs
-
-        if cfg.grpo.beta == 0 or cfg.lora is not None:
-            return None
-        return TokenLogProbs(copy.deepcopy(model).requires_grad_(False).eval().to(device))
-    if not uses_reference(cfg):
+    if kind is None:
         if p is not None and (p.precompute_ref or p.ref_model):
             raise TunesmithError(f"method {cfg.method} is reference-free; remove preference.precompute_ref and "
                                  f"preference.ref_model")
         return None
-    if p.ref_model:
+    wrap = TokenLogProbs if kind == "token" else SequenceLogProbs
+    if p is not None and p.ref_model:
         where = Path(p.ref_model)
         if (where / "adapter_config.json").exists():  # an adapter run's final/: base + adapter, merged
             ref = load_init(load_model(cfg.model, trust_remote_code=cfg.trust_remote_code), str(where))
         else:
             ref = load_model(p.ref_model, trust_remote_code=cfg.trust_remote_code)
-    elif cfg.lora is None and not p.precompute_ref:
+    elif cfg.lora is None and not (p is not None and p.precompute_ref):
         ref = copy.deepcopy(model)  # full fine-tuning: a frozen copy of the starting weights
     else:
         return None
-    return SequenceLogProbs(ref.requires_grad_(False).eval().to(device))
+    return wrap(ref.requires_grad_(False).eval().to(device))
 
 
 def precompute_reference(cfg: RunConfig, method, model, ref_model, data: Prepared, out: Path, accelerator, dtype,
@@ -258,10 +160,6 @@ def precompute_reference(cfg: RunConfig, method, model, ref_model, data: Prepare
     """Compute the reference log-probs of every train/eval item once (or reuse the ones
     stored in the run folder for the same model and tokens), attach them to the items,
     and say what that saves."""
-    from tunesmith.models import weights_hash
-    from tunesmith.train.forward import SequenceLogProbs
-    from tunesmith.train.methods import reference as refs
-
     p = cfg.preference
     parts = {"model": str(model_dir), "weights": weights_hash(model_dir), "init_from": cfg.init_from,
              "ref_model": p.ref_model, "adapter": cfg.lora is not None, "dtype": str(dtype)}
@@ -291,8 +189,7 @@ def precompute_reference(cfg: RunConfig, method, model, ref_model, data: Prepare
     how = (f"reused from {out / refs.REF_FILE}" if reused
            else f"computed in {time.time() - started:.0f} s and stored in {out / refs.REF_FILE}")
     if ref_model is not None:
-        saved = count_params_bytes(ref_model)
-        gain = f"the reference model is not kept in memory (saves {saved / 2**30:.2f} GiB)"
+        gain = f"the reference model is not kept in memory (saves {count_params_bytes(ref_model) / 2**30:.2f} GiB)"
     elif cfg.lora is None:
         gain = f"no frozen copy of the model is kept (saves {count_params_bytes(model) / 2**30:.2f} GiB)"
     else:
@@ -314,20 +211,12 @@ def processed_tokens(batch: dict) -> tuple[int, int]:
     return real, ids.numel()
 
 
-def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
-    """Train one run; returns the run manifest (also written to OUTPUT_DIR/run.json)."""
-    from accelerate import Accelerator
+# ---------------------------------------------------------------- the steps of run()
 
-    from tunesmith.models import load_model, load_tokenizer, resolve_model, weights_hash
-    from tunesmith.models.adapters import attach_lora, check_qlora_supported, count_parameters
-    from tunesmith.train import checkpoint as ckpt
-    from tunesmith.train import memory
-    from tunesmith.train.engine import LoopArgs, fit
 
-    started = time.time()
-    out = Path(cfg.output_dir)
-    resume = resume or cfg.resume is True or (cfg.resume == "auto" and ckpt.latest_checkpoint(out) is not None)
-    # --- validate before any weights load
+def _validate(cfg: RunConfig, out: Path, resume: bool) -> MethodRow:
+    """Every refusal that needs no weights: the method's own, files, trackers, a finished run."""
+    method = row(cfg)
     if cfg.lora is not None and cfg.lora.qlora:
         check_qlora_supported()
     for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval):
@@ -343,6 +232,105 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     if not resume and (out / "final").exists():
         raise TunesmithError(f"{out} already holds a finished run (final/); choose another output_dir, "
                              f"delete it, or pass --resume")
+    return method
+
+
+def _plan_memory(cfg: RunConfig, method: MethodRow, model, ref_model, dtype, hw, world: int):
+    """(memory estimate, trainable, total) with gradient checkpointing switched on when the
+    config asks or the step would not fit otherwise; refused when nothing fits."""
+    trainable, total = count_parameters(model)
+    mc = model.config
+    quantized = cfg.lora is not None and cfg.lora.qlora
+    sizes = dict(total_params=total, trainable_params=trainable, weight_bytes=0.55 if quantized else 4,
+                 act_bytes=2 if dtype != torch.float32 else 4, layers=mc.num_hidden_layers, hidden=mc.hidden_size,
+                 heads=mc.num_attention_heads, vocab=mc.vocab_size, seq=cfg.data.max_length,
+                 batch=cfg.train.batch_size * method.rows_per_item(cfg),
+                 ref_params=count_parameters(ref_model)[1] if ref_model is not None else 0)
+    limit = memory.budget(cfg.train.memory_limit_gib, hw.device, world)
+    est, checkpointing = memory.plan(checkpointing=cfg.train.gradient_checkpointing, limit=limit,
+                                     full=cfg.lora is None, **sizes)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return est, checkpointing, limit, trainable, total
+
+
+def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_why: str, threads: int, world: int,
+            template_source: str) -> None:
+    est, checkpointing, limit, trainable, total = plan
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    mean_len = sum(data.lengths) / max(1, len(data.lengths))
+    lo = cfg.lora
+    console.info(f"model {cfg.model} ({model_dir}), method {cfg.method}, "
+                 f"{'LoRA r=' + str(lo.r) if lo else 'full fine-tuning'}"
+                 f"{' + DoRA' if lo and lo.dora else ''}{' (QLoRA 4-bit base)' if lo and lo.qlora else ''}")
+    console.info(f"trainable {_count(trainable)} of {_count(total)} parameters, {100 * trainable / total:.2f}%")
+    console.info("estimated memory: " + ", ".join(est.lines()) + f" (available {limit / 2**30:.1f} GiB)"
+                 + (" — gradient checkpointing on" if checkpointing else ""))
+    console.info(f"dtype {str(dtype).removeprefix('torch.')}: {dtype_why}; threads {threads}; processes {world}")
+    console.info(f"data: {len(data.train)} {'packs' if cfg.data.packing else 'records'} train, "
+                 f"{len(data.eval)} eval; {data.truncated} truncated; {per_step} per step x ~{mean_len:.0f} tokens "
+                 f"= ~{per_step * mean_len:.0f} tokens/step; {len(data.train) // per_step} steps/epoch; "
+                 f"template {template_source}")
+
+
+def loop_args(cfg: RunConfig, dtype, force_resume: bool) -> LoopArgs:
+    """The engine's settings: every field it shares with the ``train:`` section, by name,
+    plus what comes from elsewhere in the config."""
+    shared = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(LoopArgs)
+              if f.name in TrainConfig.model_fields}
+    return LoopArgs(**shared, output_dir=Path(cfg.output_dir), autocast_dtype=dtype,
+                    group_by_length=cfg.data.group_by_length, config=cfg.to_dict(), resume_ignore=RESUME_IGNORE,
+                    force_resume=force_resume, report_to=tuple(cfg.report_to))
+
+
+def _final_writer(model, tokenizer, template_source: str):
+    def save_final(final: Path) -> None:
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "tunesmith_template.json").write_text(json.dumps(
+                {"chat_template_source": template_source, "chat_template": tokenizer.chat_template}))
+    return save_final
+
+
+def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_source: str, plan, result, hw,
+              threads: int, world: int, dtype, started: float) -> dict:
+    """run.json: what was trained, on what, how, and how its outputs are to be scored."""
+    est, checkpointing, _, trainable, total = plan
+    out = Path(cfg.output_dir)
+    return {
+        "method": cfg.method, "base_model": cfg.model, "base_model_path": str(model_dir),
+        "base_model_weights_sha256": weights_hash(model_dir),
+        "adapter": cfg.lora is not None, "chat_template_source": template_source,
+        # An adapter run started from another run's adapter trains on base + that adapter merged.
+        "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+        "scoring": method.scoring(cfg),
+        "data": {f: sha256_file(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)},
+        "versions": hardware.library_versions(), "seed": cfg.train.seed,
+        "hardware": {"device": hw.device, "name": hw.device_name, "threads": threads, "processes": world},
+        "dtype": str(dtype).removeprefix("torch."),
+        "trainable_parameters": trainable, "total_parameters": total, "memory_estimate": est.to_dict(),
+        "gradient_checkpointing": checkpointing,
+        "peak_memory_bytes": result.peak_memory_bytes, "peak_memory_kind": result.peak_memory_kind,
+        "step_memory_bytes": result.step_memory_bytes,
+        "start_time": started, "end_time": time.time(), "steps": result.step,
+        "skipped_nonfinite_steps": result.skipped_steps, "padding_efficiency": round(result.efficiency, 4),
+        "final_metrics": result.metrics, "stopped_by_signal": result.stopped_by_signal,
+        "final": str(out / "final") if not result.stopped_by_signal else None,
+    }
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
+    """Train one run; returns the run manifest (also written to OUTPUT_DIR/run.json)."""
+    from accelerate import Accelerator
+
+    started = time.time()
+    out = Path(cfg.output_dir)
+    resume = resume or cfg.resume is True or (cfg.resume == "auto" and ckpt.latest_checkpoint(out) is not None)
+    method = _validate(cfg, out, resume)  # --- before any weights load
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world, is_main = accelerator.num_processes, accelerator.is_main_process
     hw = hardware.detect()
@@ -353,141 +341,39 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     # --- tokenizer and data (the data layer refuses malformed records here)
     model_dir = resolve_model(cfg.model)  # converts the embedded model once, if needed
     tokenizer = load_tokenizer(cfg.model)
-    from tunesmith.data.templates import ensure_chat_template
-
     template_source = ensure_chat_template(tokenizer)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, method)
     if data.dropped and is_main:
         console.warn(f"dropped {data.dropped} training records whose trained tokens would all be truncated "
                      f"at max_length {cfg.data.max_length}")
 
-    # --- model (+ adapter)
-    quantized = cfg.lora is not None and cfg.lora.qlora
-    kwargs = {}
-    if quantized:
-        from tunesmith.models.adapters import quantization_config
-
-        kwargs["quantization_config"] = quantization_config(dtype)
-    task = "score" if cfg.method == "reward" else "causal"
-    model = load_model(cfg.model, dtype=torch.float32 if not quantized else dtype,
-                       trust_remote_code=cfg.trust_remote_code, task=task, **kwargs)
-    if task == "score":
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.init_from:
-        model = load_init(model, cfg.init_from, task)
-    model.config.use_cache = False
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # ensure_chat_template added ChatML tokens to a template-less tokenizer (as TRL's
-        # setup_chat_format does): their embeddings start untrained.
-        model.resize_token_embeddings(len(tokenizer))
-        if is_main:
-            console.warn(f"added {template_source} special tokens: embeddings resized to {len(tokenizer)}; "
-                         f"with LoRA set `lora.modules_to_save: [embed_tokens, lm_head]` so they train")
-    mc = model.config
-    gc_needed = False
-    if cfg.lora is not None:
-        model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                            target_modules=cfg.lora.target_modules, rslora=cfg.lora.rslora, dora=cfg.lora.dora,
-                            modules_to_save=cfg.lora.modules_to_save, quantized=quantized,
-                            task_type="SEQ_CLS" if task == "score" else "CAUSAL_LM")
-    ref_model = build_reference(cfg, model, accelerator.device)
-    trainable, total = count_parameters(model)
-    act_bytes = 2 if dtype != torch.float32 else 4
-    est_args = dict(total_params=total, trainable_params=trainable, weight_bytes=0.55 if quantized else 4,
-                    act_bytes=act_bytes, layers=mc.num_hidden_layers, hidden=mc.hidden_size,
-                    heads=mc.num_attention_heads, vocab=mc.vocab_size,
-                    batch=cfg.train.batch_size * (2 if cfg.method in TWO_ROWS else cfg.grpo.num_generations
-                                                  if cfg.method == "grpo" else 1), seq=cfg.data.max_length,
-                    ref_params=count_parameters(ref_model)[1] if ref_model is not None else 0)
-    est = memory.estimate(**est_args, checkpointing=False)
-    limit = int(cfg.train.memory_limit_gib * 2**30) if cfg.train.memory_limit_gib else memory.available_bytes(hw.device)
-    limit //= (world if hw.device == "cpu" else 1)  # CPU processes share the host's RAM
-    if cfg.train.gradient_checkpointing is True:
-        gc_needed = True
-    elif cfg.train.gradient_checkpointing == "auto" and est.total > limit:
-        gc_needed = memory.estimate(**est_args, checkpointing=True).total <= limit
-    if gc_needed:
-        est = memory.estimate(**est_args, checkpointing=True)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if est.total > limit:
-        gib = lambda x: f"{x / 2**30:.1f} GiB"  # noqa: E731
-        hint = ("use LoRA instead (remove `full: true`; a rank-8 adapter trains ~1% of the weights)"
-                if cfg.lora is None else "lower train.batch_size or data.max_length")
-        raise TunesmithError(f"the estimated memory of a training step, {gib(est.total)}, exceeds the "
-                             f"{gib(limit)} available; {hint}")
-
-    # --- report what will happen
-    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
-    steps_per_epoch = len(data.train) // per_step
-    mean_len = sum(data.lengths) / max(1, len(data.lengths))
+    # --- model, reference, memory
+    model = build_model(cfg, method, tokenizer, template_source, dtype, is_main)
+    ref_kind = method.reference(cfg)
+    ref_model = build_reference(cfg, ref_kind, model, accelerator.device)
+    plan = _plan_memory(cfg, method, model, ref_model, dtype, hw, world)
     if is_main:
-        console.info(f"model {cfg.model} ({model_dir}), method {cfg.method}, "
-                     f"{'LoRA r=' + str(cfg.lora.r) if cfg.lora else 'full fine-tuning'}"
-                     f"{' + DoRA' if cfg.lora and cfg.lora.dora else ''}{' (QLoRA 4-bit base)' if quantized else ''}")
-        console.info(f"trainable {_count(trainable)} of {_count(total)} parameters, {100 * trainable / total:.2f}%")
-        console.info("estimated memory: " + ", ".join(est.lines()) + f" (available {limit / 2**30:.1f} GiB)"
-                     + (" — gradient checkpointing on" if gc_needed else ""))
-        console.info(f"dtype {str(dtype).removeprefix('torch.')}: {dtype_why}; threads {threads}; processes {world}")
-        console.info(f"data: {len(data.train)} {'packs' if cfg.data.packing else 'records'} train, "
-                     f"{len(data.eval)} eval; {data.truncated} truncated; {per_step} per step x ~{mean_len:.0f} tokens "
-                     f"= ~{per_step * mean_len:.0f} tokens/step; {steps_per_epoch} steps/epoch; "
-                     f"template {template_source}")
+        _report(cfg, data, model_dir, plan, dtype, dtype_why, threads, world, template_source)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
+    # --- the method, with its reference (precomputed values ride on the items)
     autocast = (lambda: torch.autocast(accelerator.device.type, dtype=dtype)) \
         if dtype != torch.float32 else contextlib.nullcontext
-    method = (build_grpo(cfg, tokenizer, model, ref_model, autocast, out) if cfg.method == "grpo"
-              else build_method(cfg, tokenizer, ref_model))
-    if uses_reference(cfg) and cfg.preference.precompute_ref:
-        from tunesmith.train.methods.reference import Reference
-
-        note = precompute_reference(cfg, method, model, ref_model, data, out, accelerator, dtype, model_dir,
-                                    autocast)
+    precompute = ref_kind == "sequence" and cfg.preference.precompute_ref
+    ctx = BuildContext(cfg, tokenizer, model, refs.Reference(None if precompute else ref_model), autocast, out)
+    trainer = method.build(ctx)
+    if precompute:
+        note = precompute_reference(cfg, trainer, model, ref_model, data, out, accelerator, dtype, model_dir, autocast)
         if is_main:
             console.info(note)
-        method.reference, ref_model = Reference(None), None  # the items carry the values; the frozen model is freed
+        ref_model = ctx.reference = None  # the frozen model is freed
 
-    def save_final(final: Path) -> None:
-        with ckpt.atomic_dir(final) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "tunesmith_template.json").write_text(json.dumps(
-                {"chat_template_source": template_source, "chat_template": tokenizer.chat_template}))
-
-    args = LoopArgs(
-        output_dir=out, epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size,
-        grad_accum=cfg.train.grad_accum, learning_rate=cfg.train.learning_rate, lr_scheduler=cfg.train.lr_scheduler,
-        warmup_ratio=cfg.train.warmup_ratio, warmup_steps=cfg.train.warmup_steps,
-        weight_decay=cfg.train.weight_decay, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        eps=cfg.train.adam_epsilon, max_grad_norm=cfg.train.max_grad_norm, seed=cfg.train.seed,
-        save_steps=cfg.train.save_steps, save_total_limit=cfg.train.save_total_limit,
-        eval_steps=cfg.train.eval_steps, logging_steps=cfg.train.logging_steps,
-        max_nonfinite=cfg.train.max_nonfinite, autocast_dtype=dtype, group_by_length=cfg.data.group_by_length,
-        config=cfg.to_dict(), resume_ignore=RESUME_IGNORE, force_resume=force_resume,
-        report_to=tuple(cfg.report_to))
-    result = fit(model, method, data.train, data.eval, data.lengths, args,
-                 accelerator=accelerator, save_final=save_final, resume=resume, processed_tokens=processed_tokens)
-
-    manifest = {
-        "method": cfg.method, "base_model": cfg.model, "base_model_path": str(model_dir),
-        "base_model_weights_sha256": weights_hash(model_dir),
-        "adapter": cfg.lora is not None, "chat_template_source": template_source,
-        # An adapter run started from another run's adapter trains on base + that adapter merged.
-        "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
-        "data": {f: ckpt.sha256_file(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)},
-        "versions": hardware.library_versions(), "seed": cfg.train.seed,
-        "hardware": {"device": hw.device, "name": hw.device_name, "threads": threads, "processes": world},
-        "dtype": str(dtype).removeprefix("torch."),
-        "trainable_parameters": trainable, "total_parameters": total, "memory_estimate": est.to_dict(),
-        "gradient_checkpointing": gc_needed,
-        "peak_memory_bytes": result.peak_memory_bytes, "peak_memory_kind": result.peak_memory_kind,
-        "step_memory_bytes": result.step_memory_bytes,
-        "start_time": started, "end_time": time.time(), "steps": result.step,
-        "skipped_nonfinite_steps": result.skipped_steps, "padding_efficiency": round(result.efficiency, 4),
-        "final_metrics": result.metrics, "stopped_by_signal": result.stopped_by_signal,
-        "final": str(out / "final") if not result.stopped_by_signal else None,
-    }
+    # --- train, save, record
+    result = fit(model, trainer, data.train, data.eval, data.lengths, loop_args(cfg, dtype, force_resume),
+                 accelerator=accelerator, save_final=_final_writer(model, tokenizer, template_source),
+                 resume=resume, processed_tokens=processed_tokens)
+    manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype, started)
     if is_main:
         (out / "run.json").write_text(json.dumps(manifest, indent=2))
         if not result.stopped_by_signal:

@@ -10,7 +10,7 @@ toward easy/hard prompts). The loss per completion token t is
     KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (the k3 estimator, as TRL)
 
 with one optimizer step per generated batch, so π_old = π detached (ρ = 1, the clip
-inactive but its gradient path identical to TRL's with ``num_iterations=1``).
+inactive but its gradient path identical to TRL's with ``num_iterations=1``; ``losses.grpo_token_losses``).
 Aggregation (``loss_type``), as units handed to the engine (which divides the step's
 summed loss by the step's units):
 - ``grpo``: each completion's mean token loss, averaged over completions — biased
@@ -18,10 +18,10 @@ summed loss by the step's units):
 - ``dapo``: token sum over all completions of the step / their token count;
 - ``dr_grpo``: token sum / (completions x max_new_tokens), a constant (Liu et al. 2025).
 
-Generation happens in ``collate``: the engine collates every micro-batch of a step before
-the first backward, so all samples come from the same policy and the units (tokens) are
-known up front. Sampling draws from torch's global RNG, which checkpoints save, so a
-resumed run samples the same completions.
+Generation is the method's ``rollout`` (sample, score, advantages): the engine rolls out
+every micro-batch of a step before the first backward, so all samples come from the same
+policy and the units (tokens) are known up front. Sampling draws from torch's global RNG,
+which checkpoints save, so a resumed run samples the same completions.
 """
 
 from __future__ import annotations
@@ -32,9 +32,13 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.data.tokenize import IGNORE_INDEX, tokenize_record
+from tunesmith.errors import TunesmithError
 from tunesmith.models.adapters import merged_adapter
-from tunesmith.train.forward import TokenLogProbs
+from tunesmith.models.forward import TokenLogProbs
+from tunesmith.models.templates import stop_token_ids
+from tunesmith.train.methods.base import Method, Split
+from tunesmith.train.methods.losses import grpo_token_losses
 from tunesmith.train.methods.reference import Reference
 
 
@@ -45,30 +49,44 @@ class PromptItem:
     meta: dict = field(default_factory=dict)  # extra columns (e.g. a reference answer) for reward functions
 
 
-class GRPO:
+def prepare_prompts(records: list[dict], tokenizer, *, max_length: int, max_new_tokens: int) -> Split:
+    """Prompts, left-truncated so that prompt + ``max_new_tokens`` fits ``max_length``. An
+    SFT record serves as a prompt too: its last assistant message becomes the ``answer``
+    column that reward functions receive."""
+    room = max_length - max_new_tokens
+    if room < 8:
+        raise TunesmithError(f"data.max_length {max_length} leaves {room} prompt tokens after "
+                             f"grpo.max_new_tokens {max_new_tokens}; raise max_length or lower max_new_tokens")
+    items = []
+    for r in records:
+        meta = dict(r.get("meta") or {})
+        if "messages" in r:
+            last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
+            meta.setdefault("answer", r["messages"][last]["content"])
+            r = {"prompt": r["messages"][:last], **({"tools": r["tools"]} if r.get("tools") else {})}
+        ex = tokenize_record({k: v for k, v in r.items() if k != "meta"}, tokenizer, max_length=room)
+        items.append(PromptItem(ex.input_ids, r["prompt"], meta))
+    return Split(items, [len(p.input_ids) for p in items])
+
+
+class GRPO(Method):
     wrap = TokenLogProbs
 
     def __init__(self, tokenizer, policy, rewards, *, num_generations: int, max_new_tokens: int,
                  temperature: float, top_p: float, beta: float, epsilon: float, epsilon_high: float | None,
-                 loss_type: str, scale_rewards: bool, autocast, log_path: Path | None = None,
-                 log_completions: int = 2, logging_steps: int = 1):
+                 loss_type: str, scale_rewards: bool, autocast, reference: Reference | None = None,
+                 log_path: Path | None = None, log_completions: int = 2, logging_steps: int = 1):
         self.tok, self.policy, self.rewards = tokenizer, policy, rewards
         self.G, self.max_new_tokens = num_generations, max_new_tokens
         self.temperature, self.top_p, self.beta = temperature, top_p, beta
         self.eps_low, self.eps_high = epsilon, epsilon_high if epsilon_high is not None else epsilon
         self.loss_type, self.scale_rewards, self.autocast = loss_type, scale_rewards, autocast
         self.log_path, self.log_completions, self.logging_steps = log_path, log_completions, logging_steps
-        self.reference = Reference(None)  # adapter disabled; recipe sets a frozen model for full fine-tuning
-        self._log_step: int | None = None
+        # KL to the starting policy: its adapter disabled (default), or a frozen copy (full fine-tuning)
+        self.reference = reference or Reference()
+        self._logged_step: int | None = None  # completions are logged once per logging step
         # End of a completion: the tokenizer's EOS and the generation config's (e.g. <|eot_id|>).
-        gen_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
-        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-        self.stop_ids = sorted({tokenizer.eos_token_id, *gen_eos} - {None})
-
-    def begin_step(self, step: int) -> None:
-        """Called by the engine before collating a training step: completions are logged
-        on logging steps, from the first micro-batch."""
-        self._log_step = step if step % self.logging_steps == 0 else None
+        self.stop_ids = stop_token_ids(tokenizer, getattr(policy, "generation_config", None))
 
     # -- sampling ---------------------------------------------------------------------
     def _sample(self, items: list[PromptItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,6 +120,12 @@ class GRPO:
         return (torch.arange(C).unsqueeze(0) <= first.unsqueeze(1)).long()
 
     def collate(self, items: list[PromptItem]) -> dict:
+        """The prompts only: completions are sampled in ``rollout``, with the policy of the step."""
+        return {"items": items}
+
+    def rollout(self, batch: dict, step: int | None) -> dict:
+        """Sample G completions per prompt, score them, and turn the scores into advantages."""
+        items = batch["items"]
         p_ids, p_mask, completion = self._sample(items)
         c_mask = self._completion_mask(completion)
         texts = self.tok.batch_decode(completion.masked_fill(c_mask == 0, self.tok.pad_token_id),
@@ -120,40 +144,37 @@ class GRPO:
         lengths = c_mask.sum(1)
         n = len(groups)
         units = {"grpo": n, "dapo": int(lengths.sum()), "dr_grpo": n * self.max_new_tokens}[self.loss_type]
-        if self._log_step is not None and self.log_path is not None and self.log_completions:
-            self._write_samples(groups, texts, scores)
-            self._log_step = None
+        if step is not None and step % self.logging_steps == 0 and step != self._logged_step:
+            if self.log_path is not None and self.log_completions:
+                self._write_samples(step, groups, texts, scores)
+            self._logged_step = step
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
                 "position_ids": (attention.cumsum(1) - 1).clamp(min=0), "advantages": adv.reshape(-1),
                 "lengths": lengths, "units": units, "rewards": total, "reward_std": std,
                 "reward_parts": scores.parts}
 
-    def _write_samples(self, groups, texts, scores) -> None:
+    def _write_samples(self, step: int, groups, texts, scores) -> None:
         with open(self.log_path, "a") as f:
             for i in range(min(self.log_completions, len(texts))):
-                f.write(json.dumps({"step": self._log_step, "prompt": groups[i].prompt[-1]["content"],
+                f.write(json.dumps({"step": step, "prompt": groups[i].prompt[-1]["content"],
                                     "completion": texts[i], "reward": float(scores.total[i]),
                                     **{f"reward/{k}": float(v[i]) for k, v in scores.parts.items()}}) + "\n")
 
     # -- loss -------------------------------------------------------------------------
-    @staticmethod
-    def units(batch: dict) -> int:
+    def units(self, batch: dict) -> int:
         return int(batch["units"])
 
     def loss(self, module, batch: dict):
         inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
         logp, mask = module(**inputs)                                   # (N, T-1)
         maskf = mask.float()
-        ratio = torch.exp(logp - logp.detach())
+        ref = self.reference(module, {}, inputs) if self.beta > 0 else None  # per-token, no grad
+        per_token, ratio, kl = grpo_token_losses(logp, batch["advantages"], epsilon_low=self.eps_low,
+                                                 epsilon_high=self.eps_high, ref_logps=ref, beta=self.beta)
         adv = batch["advantages"].unsqueeze(1)
-        clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
-        per_token = -torch.min(ratio * adv, clipped * adv)
         metrics = {}
         tokens = maskf.sum()
-        if self.beta > 0:
-            delta = self.reference(module, {}, inputs) - logp   # per-token reference log-probs, no grad
-            kl = torch.exp(delta) - delta - 1
-            per_token = per_token + self.beta * kl
+        if kl is not None:
             metrics.update({"kl": (kl.detach() * maskf).sum(), "n:kl": tokens})
         per_seq = (per_token * maskf).sum(1)
         loss = (per_seq / batch["lengths"].clamp(min=1)).sum() if self.loss_type == "grpo" else per_seq.sum()

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.data.batches import pad_batch
-from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedExample, UnpairedExample
+from tunesmith.data.schema import unpair
+from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedExample, UnpairedExample, tokenize_unpaired
 from tunesmith.errors import TunesmithError
+from tunesmith.train.methods.base import Method, Split, tokenize_each
 from tunesmith.train.methods.losses import kto_kl_estimate, kto_loss
 from tunesmith.train.methods.reference import Reference, unwrap
 
@@ -61,12 +63,24 @@ def kl_pairs(examples: list[UnpairedExample], max_length: int | None, seed: int)
     return items
 
 
-class KTO:
+def prepare(records: list[dict], tokenizer, *, max_length: int, on_overflow: str, what: str, seed: int) -> Split:
+    """Unpaired examples, each with its KL row (``kl_pairs``); paired records train KTO as
+    two unpaired examples. The KL row runs without gradients, so only the example trains."""
+    unpaired = [u for r in records for u in unpair(r)]
+    exs, dropped, truncated = tokenize_each(
+        unpaired, lambda r: tokenize_unpaired(r, tokenizer, max_length=max_length, on_overflow="drop"),
+        lambda u: [u.completion], what=what, max_length=max_length, on_overflow=on_overflow)
+    items = kl_pairs(exs, max_length, seed) if exs else []
+    return Split(items, [len(it.example.completion.input_ids) + len(it.kl.input_ids) for it in items], dropped,
+                 truncated, sum(it.example.completion.n_trained for it in items))
+
+
+class KTO(Method):
     def __init__(self, pad_id: int, *, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 ref_model=None):
+                 reference: Reference | None = None):
         self.pad_id, self.beta = pad_id, beta
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
-        self.reference = Reference(ref_model)
+        self.reference = reference or Reference()  # default: the policy with its adapter disabled
 
     def collate(self, items: list) -> dict:
         items, ref = unwrap(items)
@@ -76,12 +90,10 @@ class KTO:
         batch["ref_logps"] = ref
         return batch
 
-    @staticmethod
-    def units(batch: dict) -> int:
+    def units(self, batch: dict) -> int:
         return int(batch["n"])
 
-    @staticmethod
-    def trained_tokens(batch: dict) -> int:
+    def trained_tokens(self, batch: dict) -> int:
         """The examples' completion tokens; the KL rows run without gradients."""
         return int((batch["labels"][: batch["n"], 1:] != -100).sum())
 

@@ -12,6 +12,7 @@ the data layer). What each loss wants:
     simpo      no          averaged   beta, gamma, label_smoothing  SimPO eq. 6
     orpo       no          averaged   beta (= λ)                    ORPO eq. 6-7
     kto        yes         summed     beta, w_d, w_u, kl            KTO eq. 8 (unpaired)
+    grpo       optional    per token  beta, epsilon(s)              GRPO eq. 3 (online, per token)
 
 "summed" = sum of log p over the completion's tokens; "averaged" = that sum divided by the
 completion's token count (the trainer divides; these functions never see token counts).
@@ -208,6 +209,31 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     if center_coefficient:
         losses = losses + center_coefficient * (chosen_scores + rejected_scores) ** 2
     return losses
+
+
+def grpo_token_losses(logps: torch.Tensor, advantages: torch.Tensor, *, epsilon_low: float, epsilon_high: float,
+                      ref_logps: torch.Tensor | None = None, beta: float = 0.0):
+    """GRPO's per-token loss (Shao et al. 2024, eq. 3; clip-higher from DAPO, Yu et al. 2025):
+
+        -min(ρ_t A, clip(ρ_t, 1-ε_low, 1+ε_high) A) + β KL_t,   ρ_t = π(o_t) / π_old(o_t)
+        KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (the k3 estimator, as TRL)
+
+    One optimizer step per generated batch, so π_old = π detached: ρ = 1 in value, with
+    the gradient of the ratio. Inputs: ``logps`` (N, T-1) per-token log-probs of the
+    completions, ``advantages`` (N,), ``ref_logps`` (N, T-1) when β > 0. Returns
+    (per-token losses (N, T-1), ρ (N, T-1), KL_t (N, T-1) or None); masking and aggregation
+    over tokens are the caller's (the ``loss_type``).
+    """
+    ratio = torch.exp(logps - logps.detach())
+    adv = advantages.unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta > 0:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    return per_token, ratio, kl
 
 
 def nll_from_logps(logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

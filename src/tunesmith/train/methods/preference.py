@@ -13,17 +13,29 @@ reference-free losses (SimPO, ORPO).
 from __future__ import annotations
 
 from tunesmith.data.batches import pad_batch
+from tunesmith.data.tokenize import tokenize_preference
+from tunesmith.train.methods.base import Method, Split, tokenize_each
 from tunesmith.train.methods.losses import (LENGTH_NORMALISED, PAIRWISE_LOSSES, REFERENCE_FREE, nll_from_logps,
                                             reward_metrics)
 from tunesmith.train.methods.reference import Reference, unwrap
 
 
-class Preference:
+def prepare_pairs(records: list[dict], tokenizer, *, max_length: int, on_overflow: str, what: str) -> Split:
+    """Preference records as (chosen, rejected) pairs sharing their prompt tokens (also the
+    reward model's data)."""
+    pairs, dropped, truncated = tokenize_each(
+        records, lambda r: tokenize_preference(r, tokenizer, max_length=max_length, on_overflow="drop"),
+        lambda p: [p.chosen, p.rejected], what=what, max_length=max_length, on_overflow=on_overflow)
+    return Split(pairs, [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs], dropped, truncated,
+                 sum(p.chosen.n_trained + p.rejected.n_trained for p in pairs))
+
+
+class Preference(Method):
     def __init__(self, pad_id: int, *, loss_type: str, beta: float, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, sft_weight: float = 0.0, ref_model=None):
+                 simpo_gamma: float = 0.5, sft_weight: float = 0.0, reference: Reference | None = None):
         self.pad_id, self.loss_type, self.beta = pad_id, loss_type, beta
         self.label_smoothing, self.simpo_gamma, self.sft_weight = label_smoothing, simpo_gamma, sft_weight
-        self.reference = Reference(ref_model)  # ref_model: SequenceLogProbs over a frozen model, or None
+        self.reference = reference or Reference()  # default: the policy with its adapter disabled
         self.loss_fn = PAIRWISE_LOSSES[loss_type]
 
     def collate(self, items: list) -> dict:
@@ -33,8 +45,7 @@ class Preference:
         batch["ref_logps"] = ref
         return batch
 
-    @staticmethod
-    def units(batch: dict) -> int:
+    def units(self, batch: dict) -> int:
         return int(batch["n_pairs"])
 
     @staticmethod

@@ -74,7 +74,7 @@ class RewardModel:
         self.max_length, self.batch_size = max_length, batch_size
 
     def __call__(self, *, completions: list[str], messages: list[list[dict]], **_) -> list[float]:
-        from tunesmith.train.methods.reward import score_conversations
+        from tunesmith.infer.score import score_conversations
 
         return score_conversations(self.model, self.tok, messages, completions, max_length=self.max_length,
                                    batch_size=self.batch_size)

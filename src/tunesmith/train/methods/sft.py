@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.data.batches import pack_batch, pad_batch
+from tunesmith.data.batches import pack_batch, pack_examples, pad_batch
+from tunesmith.data.tokenize import tokenize_record
+from tunesmith.train.methods.base import Method, Split, tokenize_each
 
 
 def sft_loss(logps: torch.Tensor) -> torch.Tensor:
@@ -18,7 +20,20 @@ def sft_loss(logps: torch.Tensor) -> torch.Tensor:
     return -logps.sum()
 
 
-class SFT:
+def prepare(records: list[dict], tokenizer, *, max_length: int, train_on: str, packing: bool, on_overflow: str,
+            what: str) -> Split:
+    """Records tokenized with the data layer's masking contract; packed when ``packing``."""
+    exs, dropped, truncated = tokenize_each(
+        records, lambda r: tokenize_record(r, tokenizer, max_length=max_length, train_on=train_on, on_overflow="drop"),
+        lambda e: [e], what=what, max_length=max_length, on_overflow=on_overflow)
+    if not packing:
+        return Split(exs, [len(e.input_ids) for e in exs], dropped, truncated, sum(e.n_trained for e in exs))
+    packs = pack_examples(exs, max_length) if exs else []
+    return Split(packs, [sum(len(e.input_ids) for e in p) for p in packs], dropped, truncated,
+                 sum(e.n_trained for p in packs for e in p))
+
+
+class SFT(Method):
     def __init__(self, pad_id: int, packing: bool = False):
         self.pad_id, self.packing = pad_id, packing
 
@@ -29,8 +44,7 @@ class SFT:
             return batch
         return pad_batch(items, self.pad_id)
 
-    @staticmethod
-    def units(batch: dict) -> int:
+    def units(self, batch: dict) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def loss(self, module, batch: dict):

@@ -1,4 +1,6 @@
-"""Per-sequence log-probabilities of the trained tokens: the one forward every method uses.
+"""The forwards every method trains and scores through: per-sequence log-probabilities of
+the trained tokens (``SequenceLogProbs``), per token (``TokenLogProbs``, GRPO), and a reward
+model's score per sequence (``SequenceScores``).
 
 Why our own head call instead of ``model(..., labels=...)``: the LM head of a small model
 is a large share of its compute (SmolLM2-135M: 576 x 49,152 = 28M of 134.5M parameters,
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _causal_lm(model):
+def _unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -36,7 +38,7 @@ class SequenceLogProbs(nn.Module):
     def token_logps(self, input_ids, labels, attention_mask=None, position_ids=None):
         """(log p of each trained token (N,), its row (N,), mask (B, T-1)) — the LM head runs
         on the N trained positions only."""
-        lm = _causal_lm(self.model)
+        lm = _unwrap_peft(self.model)
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
@@ -61,3 +63,19 @@ class TokenLogProbs(SequenceLogProbs):
         out = torch.zeros(mask.shape, dtype=torch.float32, device=input_ids.device)
         out[mask] = token_logps
         return out, mask
+
+
+class SequenceScores(nn.Module):
+    """forward(input_ids (B,T), attention_mask (B,T)) → (B,) fp32 score at each row's last
+    real token. An ``nn.Module`` so DDP can wrap it (as ``SequenceLogProbs``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # AutoModelForSequenceClassification, possibly a PeftModel
+
+    def forward(self, input_ids, attention_mask, **_):
+        clf = _unwrap_peft(self.model)
+        hidden = clf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.long().sum(dim=1) - 1                        # right padding
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return clf.score(pooled).squeeze(-1).float()

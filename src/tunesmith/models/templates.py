@@ -1,9 +1,8 @@
-"""Which chat template renders a conversation, and what that template can do.
+"""Which chat template renders a conversation, and which tokens end a turn.
 
 Policy (recorded with every run, so a result can be reproduced):
 
 - The tokenizer's own template wins: ``ensure_chat_template`` returns ``"model"``.
-- A template given in the config (Jinja text) replaces it: returns ``"config"``.
 - A tokenizer with no template (a base model) gets ``DEFAULT_CHATML``: returns
   ``"chatml-default"``. ChatML needs ``<|im_start|>`` and ``<|im_end|>`` as single
   tokens, so they are added as special tokens when missing (the model builder must then
@@ -12,7 +11,8 @@ Policy (recorded with every run, so a result can be reproduced):
   ``setup_chat_format`` does; we add no default system prompt.
 
 The masking code never relies on ``{% generation %}`` markers (stock templates lack
-them); it only needs the template to be *prefix-stable* (see ``data/tokenize.py``).
+them); it only needs the template to be *prefix-stable* (see ``data/tokenize.py``, which
+also asks what a template can render: tools, tool calls).
 """
 
 from __future__ import annotations
@@ -25,18 +25,12 @@ DEFAULT_CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-TEMPLATE_SOURCES = ("model", "config", "chatml-default")
+TEMPLATE_SOURCES = ("model", "chatml-default")
 
 
-def ensure_chat_template(tokenizer, template: str | None = None) -> str:
-    """Make sure ``tokenizer.chat_template`` is set; return where it came from.
-
-    ``template``: Jinja text from the run config, used instead of the model's own.
-    Returns one of ``TEMPLATE_SOURCES`` (see the module docstring for the policy).
-    """
-    if template:
-        tokenizer.chat_template = template
-        return "config"
+def ensure_chat_template(tokenizer) -> str:
+    """Make sure ``tokenizer.chat_template`` is set; return where it came from, one of
+    ``TEMPLATE_SOURCES`` (see the module docstring for the policy)."""
     if tokenizer.chat_template:
         # A folder we saved after adding the default keeps saying so (idempotent).
         return "chatml-default" if tokenizer.chat_template == DEFAULT_CHATML else "model"
@@ -50,19 +44,10 @@ def ensure_chat_template(tokenizer, template: str | None = None) -> str:
     return "chatml-default"
 
 
-def template_source(tokenizer) -> str:
-    """The Jinja text of the tokenizer's chat template ('' when it has none)."""
-    t = tokenizer.chat_template
-    if isinstance(t, dict):  # a few tokenizers ship {"default": ..., "tool_use": ...}
-        t = t.get("default") or next(iter(t.values()), "")
-    return t or ""
-
-
-def renders_tool_calls(tokenizer) -> bool:
-    """Whether the template itself renders assistant ``tool_calls`` (Qwen2.5, Llama-3.1 do)."""
-    return "tool_calls" in template_source(tokenizer)
-
-
-def accepts_tools(tokenizer) -> bool:
-    """Whether the template renders a ``tools=`` list (it mentions ``tools``)."""
-    return "tools" in template_source(tokenizer)
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokens that end a reply: the tokenizer's EOS (the chat template's end of turn,
+    e.g. ``<|im_end|>``) first, then any the model's generation config names (Llama-3's
+    ``<|eot_id|>`` and ``<|end_of_text|>``), without repeats."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return list(dict.fromkeys(t for t in (tokenizer.eos_token_id, *eos) if t is not None))

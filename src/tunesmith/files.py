@@ -1,0 +1,208 @@
+"""File safety, written once: sha256, fsync, atomic folders, manifests, one folder hasher.
+
+Every folder tunesmith promises not to lose or half-write (checkpoints, ``final/``,
+exports, the embedded model's cache) is written into ``.tmp-NAME-<random>`` beside its
+final name, fsynced, and moved into place by one ``os.rename``: a name only ever points
+at a complete folder. A manifest lists every file's sha256 and size, so a reader can tell
+a complete folder from a damaged one before trusting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import TunesmithError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # 1 MiB reads keep memory flat on multi-GB shards
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_hash(folder: str | os.PathLike, files: Iterable[Path] | None = None) -> str:
+    """sha256 over ``files`` (default: every file below ``folder``, sorted): each file's
+    path relative to ``folder``, then its bytes. The identity of a folder's content, for
+    lineage keys and base-model checks. ``export/reload_check.py`` repeats the definition
+    for weight files, since that script must not import tunesmith."""
+    folder = Path(folder)
+    chosen = sorted(files) if files is not None else sorted(p for p in folder.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in chosen:
+        h.update(f.relative_to(folder).as_posix().encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_hash(folder: str | os.PathLike) -> str:
+    """``folder_hash`` of a model folder's weight files (safetensors, else .bin)."""
+    folder = Path(folder)
+    return folder_hash(folder, sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")))
+
+
+def file_table(folder: str | os.PathLike, skip: Iterable[str] = (), size_key: str = "size") -> dict[str, dict]:
+    """``{relative path: {"sha256", size_key}}`` of every file below ``folder`` but ``skip``."""
+    folder = Path(folder)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    skipped = set(skip)
+    return {n: {"sha256": sha256_file(folder / n), size_key: (folder / n).stat().st_size}
+            for n in names if n not in skipped}
+
+
+# ---------------------------------------------------------------- durable writes
+
+
+def fsync(path: str | os.PathLike) -> None:
+    # Works on files and folders alike; a new or renamed entry is durable only once its
+    # folder is flushed too. Flushes a file's pages whichever descriptor wrote them.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any, **kw: Any) -> None:
+    path.write_text(json.dumps(obj, **kw) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync(path.parent)
+
+
+def recover(parent: Path, name_re: str) -> None:
+    """Undo what a crash left beside ``parent/<name>``: unfinished ``.tmp-`` folders are
+    dropped; an ``.old-`` copy whose replacement never arrived is put back."""
+    for p in sorted(parent.iterdir()):
+        m = re.fullmatch(rf"\.(tmp|old)-({name_re})-[a-z0-9_]+", p.name)
+        if not m or not p.is_dir():
+            continue
+        if m[1] == "old" and not (parent / m[2]).exists():
+            os.rename(p, parent / m[2])
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    # Rename first: a crash mid-rmtree then leaves a .tmp- folder, never a half folder.
+    doomed = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``final_path``; on success fsync it and rename
+    it to ``final_path`` (replacing an existing one); on any exception remove it."""
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final.parent, re.escape(final.name))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; these are ordinary folders
+    try:
+        yield tmp
+        for dirpath, _, names in os.walk(tmp):
+            for path in (dirpath, *(os.path.join(dirpath, f) for f in names)):
+                fsync(path)
+        old = None
+        if final.exists():
+            # No portable atomic swap of folders: move the old one aside, rename, drop it.
+            # A crash between the two renames leaves .old-NAME, which readers still find
+            # and the next save renames back.
+            old = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.rename(old, final)
+            raise
+        fsync(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # the save succeeded; recover drops leftovers
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def write_manifest(folder: str | os.PathLike, extra: dict | None = None) -> dict:
+    """Write ``manifest.json`` listing sha256 and size of every other file under ``folder``."""
+    folder = Path(folder)
+    manifest = {"format_version": MANIFEST_VERSION, **(extra or {}), "files": file_table(folder, skip=[MANIFEST])}
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def manifest_problem(folder: Path, full: bool) -> tuple[dict | None, str | None]:
+    """``(manifest, first thing wrong with folder)``; sizes only unless ``full`` (sha256)."""
+    try:
+        manifest = read_json(folder / MANIFEST)
+    except FileNotFoundError:
+        return None, f"{MANIFEST} is missing (the save never finished)"
+    except (OSError, ValueError):
+        return None, f"{MANIFEST} is unreadable"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None, f"{MANIFEST} has no file list"
+    if manifest.get("format_version", 0) > MANIFEST_VERSION:
+        return None, f"it was written by a newer tunesmith (format {manifest['format_version']})"
+    for name, want in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return manifest, f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return manifest, f"{name} has {path.stat().st_size} bytes where {MANIFEST} says {want['size']}"
+        if full and sha256_file(path) != want["sha256"]:
+            return manifest, f"{name} is corrupted (its sha256 differs from {MANIFEST})"
+    return manifest, None
+
+
+def verify_manifest(folder: str | os.PathLike, *, kind: str = "folder", fix: str = "write it again") -> dict:
+    """Check every file's size and sha256 against ``manifest.json``; return the manifest.
+
+    Raises TunesmithError "<kind> <folder>: <what is wrong>; <fix>".
+    """
+    manifest, problem = manifest_problem(Path(folder), full=True)
+    if problem:
+        raise TunesmithError(f"{kind} {folder}: {problem}; {fix}")
+    return manifest

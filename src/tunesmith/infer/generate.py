@@ -1,0 +1,159 @@
+"""Generation from chat prompts: batched (``generate``) and streamed (``stream``), with the
+same settings, the chat template the model was trained with, and a fixed seed.
+
+    model, tokenizer, _ = load_for_inference("runs/sft-demo")      # infer.load
+    texts = generate(model, tokenizer, [[{"role": "user", "content": "Say hi."}]], max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tunesmith import console
+from tunesmith.data.tokenize import tokenize_prompt
+from tunesmith.infer import GENERATION_BATCH
+from tunesmith.models.adapters import merged_adapter
+from tunesmith.models.templates import stop_token_ids
+
+# ---------------------------------------------------------------- generation
+
+
+def _settings(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float):
+    """A complete GenerationConfig from our flags alone: a model's shipped sampling defaults
+    (top_k, repetition_penalty, ...) would otherwise change results behind the user's back.
+    Generation stops at the tokenizer's EOS and at any EOS the model's own config names."""
+    from transformers import GenerationConfig
+
+    eos = stop_token_ids(tokenizer, model.generation_config)
+    sample = temperature > 0
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
+                            temperature=temperature if sample else None, top_p=top_p if sample else None,
+                            top_k=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so every prompt's last token sits at the same position and new tokens
+    are appended right after it. Returns (input_ids, attention_mask), both [B, T] int64."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+class _Bar:
+    """A rich progress bar on stderr (through the console), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                console=console.console)
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, batch_size: int = GENERATION_BATCH,
+             progress: bool = False) -> list[str]:
+    """One completion per prompt (a message list ending with a user turn), in input order.
+
+    Prompts are rendered with the chat template and its generation prompt
+    (``data.tokenize.tokenize_prompt``), sorted by length so a batch pads little, left
+    padded, and decoded with the KV cache (``model.generate``) until EOS or
+    ``max_new_tokens``. ``temperature`` 0 is greedy and deterministic; otherwise
+    sampling with ``top_p`` draws from a torch generator seeded with ``seed`` (the
+    caller's global RNG state is left as it was).
+    """
+    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
+    ids = [tokenize_prompt(p, tokenizer) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out: list[str] = [""] * len(ids)
+    bar = _Bar(progress, len(ids), "generate")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                input_ids, mask = _left_pad([ids[i] for i in batch], tokenizer.pad_token_id)
+                with merged_adapter(model):
+                    new = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+                texts = tokenizer.batch_decode(new[:, input_ids.shape[1]:], skip_special_tokens=True)
+                for i, text in zip(batch, texts):
+                    out[i] = text
+                bar.advance(len(batch))
+    finally:
+        bar.close()
+    return out
+
+
+def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+    """The reply to one conversation as text pieces, as they are decoded (for chat).
+
+    ``model.generate`` runs in a thread feeding a ``TextIteratorStreamer``; the pieces
+    joined equal ``generate(...)`` for the same settings.
+    """
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
+    input_ids = torch.tensor([tokenize_prompt(messages, tokenizer)], dtype=torch.long)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.inference_mode(), torch.random.fork_rng(devices=[]), merged_adapter(model):
+                torch.manual_seed(seed)
+                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                               generation_config=config, streamer=streamer)
+        except BaseException as e:  # re-raised in the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------- prompt files
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Prompt records through the data layer: ``prompt`` (a string) or ``messages`` ending
+    with a user turn, one format per file. Returns canonical prompt records
+    ``{"prompt": [Message], "meta": {...}}`` (an ``id`` column lands in ``meta``)."""
+    from tunesmith.data.validate import load_records
+
+    return load_records([path], expect={"prompt"}, purpose="generation")
+
+
+def completion_record(record: dict, completion: str) -> dict:
+    """An output line: id (when the input had one), the prompt as given, the completion.
+    A lone user message is written back as a plain string, anything else as messages."""
+    out = {"id": record["meta"]["id"]} if "id" in (record.get("meta") or {}) else {}
+    p = record["prompt"]
+    out["prompt"] = p[0]["content"] if len(p) == 1 and p[0]["role"] == "user" else p
+    out["completion"] = completion
+    return out
