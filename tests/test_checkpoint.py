@@ -235,7 +235,7 @@ def test_crash_while_writing_leaves_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("No space left on device")
 
     monkeypatch.setattr(st, "save_file", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(TunesmithError, match="no space left on the device while writing .*checkpoint-2"):
         tiny_save(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # no tmp left either
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"

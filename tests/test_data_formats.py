@@ -278,3 +278,15 @@ def test_demo_dataset_content():
     with_input = next(i for i, r in enumerate(alpaca_raw) if r["input"])
     assert alpaca[with_input]["messages"][0]["content"] == (alpaca_raw[with_input]["instruction"] + "\n"
                                                              + alpaca_raw[with_input]["input"])
+
+
+def test_json_inside_a_csv_cell_is_checked_like_a_json_file(tmp_path):
+    # The reader sees only strings; the cell's JSON is parsed here, so the check runs again on the record.
+    p = tmp_path / "d.csv"
+    p.write_text('messages\n"[{""role"": ""user"", ""content"": ""hi""}, '
+                 '{""role"": ""assistant"", ""content"": ""x\\ud800""}]"\n'
+                 '"[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""ok""}]"\n')
+    rep = check_file(p)
+    (e,) = rep.errors
+    assert (e.line, e.field, e.code) == (2, "messages.1.content", "encoding") and rep.valid == 1
+    assert "lone surrogate \\ud800" in e.reason

@@ -162,3 +162,40 @@ def test_parquet_uses_record_index(tmp_path):
     junk.write_bytes(b"not parquet at all")
     with pytest.raises(RecordProblem, match=r"junk.parquet: cannot read as Parquet"):
         read(junk)
+
+
+def test_lone_surrogates_are_refused_with_their_field(tmp_path):
+    # json.loads turns a "\ud800" escape into half a UTF-16 pair: no UTF-8 file or tokenizer can hold it.
+    p = write_lines(tmp_path / "d.jsonl", [
+        '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x\\udc00"}]}',
+        '{"text": "a pair \\ud83d\\ude00 is one character"}',
+        '{"text": "ok", "meta": {"bad\\ud800key": 1}}',
+    ])
+    rows, errors, _ = read(p)
+    assert rows == [(2, {"text": "a pair \U0001F600 is one character"})]
+    assert [(e.line, e.field, e.code) for e in errors] == [(1, "conversations.1.value", "encoding"),
+                                                          (3, "meta", "encoding")]
+    assert str(errors[0]) == (f"{p}:1:conversations.1.value: the text holds a lone surrogate \\udc00 at character 1 "
+                              "(half of a UTF-16 pair, not a character); fix the escape or remove it")
+    assert "the key 'bad\\ud800key'" in errors[1].reason
+    j = tmp_path / "d.json"
+    j.write_text('[{"text": "ok"}, {"text": "\\ud800"}]')
+    rows, errors, _ = read(j)
+    assert rows == [(0, {"text": "ok"})] and [(e.line, e.field) for e in errors] == [(1, "text")]
+
+
+def test_deep_nesting_is_refused_with_file_and_line(tmp_path):
+    too_deep = "[" * 150 + "]" * 150  # parses, but no record format nests like that
+    unreadable = "[" * 100_000 + "]" * 100_000  # json.loads itself meets the recursion limit
+    p = write_lines(tmp_path / "d.jsonl", ['{"text": "ok"}', '{"text": "x", "meta": ' + too_deep + "}",
+                                           '{"text": "y", "meta": ' + unreadable + "}", '{"text": "last"}'])
+    rows, errors, _ = read(p)
+    assert [ln for ln, _ in rows] == [1, 4]
+    assert [(e.line, e.field, e.code) for e in errors] == [(2, "meta", "json"), (3, "", "json")]
+    assert all(e.reason == "nested more than 100 levels deep; no record format needs that, flatten it"
+               for e in errors)
+    j = tmp_path / "d.json"
+    j.write_text('[\n{"text": "ok"},\n{"text": "x", "meta":\n' + unreadable + "}\n]\n")
+    with pytest.raises(RecordProblem) as e:
+        read(j)
+    assert str(e.value) == f"{j}:4: nested more than 100 levels deep; no record format needs that, flatten it"

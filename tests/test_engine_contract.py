@@ -62,12 +62,12 @@ def test_fit_calls_the_method_contract_in_order(tmp_path):
     assert method.calls[:first_loss] == [("collate", 2), ("rollout", 1)] * 2  # both micro-batches before any backward
     assert method.calls[-3:] == [("collate", 2), ("rollout", None), ("loss",)]  # the final eval
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state == {"skipped": 0, "consecutive_nonfinite": 0, "best": {}}
+    assert state == {"skipped": 0, "consecutive_nonfinite": 0, "best": {}, "last_good_step": 2}  # the final eval
     assert ckpt.load_checkpoint(tmp_path / "checkpoint-2").rng_state["generators"] == {}
 
 
 def test_trainer_state_keeps_the_file_format():
     old = {"skipped": 3, "consecutive_nonfinite": 1, "best": {"eval_loss": 0.5}}
-    assert TrainerState.from_dict(old).to_dict() == old
-    assert list(TrainerState().to_dict()) == ["skipped", "consecutive_nonfinite", "best"]
+    assert TrainerState.from_dict(old).to_dict() == {**old, "last_good_step": -1}  # older files still load
+    assert list(TrainerState().to_dict()) == ["skipped", "consecutive_nonfinite", "best", "last_good_step"]
     assert TrainerState.from_dict({"skipped": 2}) == TrainerState(skipped=2)

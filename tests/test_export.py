@@ -130,7 +130,7 @@ def test_reference_logits_are_the_runs_model(tiny):
     torch.testing.assert_close(merged_ref["adapter_logits"], want, atol=1e-6, rtol=0)
 
 
-def test_verify_catches_a_corrupted_file(tiny, tmp_path):
+def test_verify_catches_a_corrupted_file_and_loads_nothing_after(tiny, tmp_path, capsys):
     from tunesmith.cli import main
 
     folder = shutil.copytree(tiny["adapter"], tmp_path / "copy")
@@ -142,9 +142,12 @@ def test_verify_catches_a_corrupted_file(tiny, tmp_path):
     result = verify_export(folder)
     checks = {c["name"]: c for c in result.checks}
     assert not result.ok and not checks["files"]["ok"] and "adapter_model.safetensors" in checks["files"]["detail"]
+    # bytes that are not what was exported are never loaded (nor, with remote code, run)
+    assert list(checks) == ["manifest", "files", "isolation"]
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["verify", str(folder)])
-    assert e.value.code == 1
+    assert e.value.code == 1 and "stopped after the file check" in capsys.readouterr().err
 
 
 def test_verify_flags_a_file_not_in_the_manifest(tiny, tmp_path):
@@ -182,8 +185,6 @@ def test_refusals(tiny, tmp_path):
     (busy / "keep.txt").write_text("x")
     with pytest.raises(TunesmithError, match="not empty.*--overwrite"):
         export_run(tiny["run"], "adapter", busy)
-    export_run(tiny["run"], "adapter", busy, overwrite=True, verify=False)
-    assert not (busy / "keep.txt").exists() and (busy / "tunesmith.json").exists()
     # inside the run's own final/
     with pytest.raises(TunesmithError, match="inside the run's own files"):
         export_run(tiny["run"], "adapter", tiny["run"] / "final" / "exp")
@@ -196,6 +197,110 @@ def test_refusals(tiny, tmp_path):
         export_run(unfinished, "adapter", tmp_path / "x")
     with pytest.raises(TunesmithError, match="not a tunesmith run"):
         export_run(tmp_path, "adapter", tmp_path / "x")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_an_earlier_export_and_nothing_else(tiny, tmp_path, monkeypatch):
+    run_dir = tiny["run"]
+    earlier = shutil.copytree(tiny["adapter"], tmp_path / "earlier")
+    export_run(run_dir, "merged", earlier, overwrite=True, verify=False)
+    assert manifest(earlier)["format"] == "merged" and not (earlier / "adapter_config.json").exists()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("x")
+    kept = {
+        notes: "is not an earlier tunesmith export",
+        shutil.copytree(tiny["base"], tmp_path / "model"): "holds a model that is not a tunesmith export",
+        shutil.copytree(run_dir / "final", tmp_path / "adapter"): "holds a model that is not a tunesmith export",
+        shutil.copytree(run_dir, tmp_path / "other-run"): "is a training run",
+    }
+    for folder, why in kept.items():
+        before = tree(folder)
+        with pytest.raises(TunesmithError, match=f"{why}.*--overwrite only replaces an earlier"):
+            export_run(run_dir, "adapter", folder, overwrite=True, verify=False)
+        assert tree(folder) == before, folder
+
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    (work / "x.txt").write_text("x")
+    monkeypatch.chdir(work)
+    for folder in (Path("."), work, Path(".."), tmp_path):
+        with pytest.raises(TunesmithError, match="is the current directory or a folder above it"):
+            export_run(run_dir, "adapter", folder, overwrite=True, verify=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".profile").write_text("x")
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(TunesmithError, match="is a home directory"):
+        export_run(run_dir, "adapter", home, overwrite=True, verify=False)
+    with pytest.raises(TunesmithError, match="run's own files"):  # a folder above the run
+        export_run(run_dir, "adapter", run_dir.parent, overwrite=True, verify=False)
+    assert (work / "x.txt").exists() and (home / ".profile").exists() and (run_dir / "run.json").exists()
+
+
+REMOTE_CONFIG = """from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tiny_remote"
+"""
+REMOTE_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+"""
+
+
+def save_remote_code_model(folder: Path) -> Path:
+    """A tiny model whose class is code in its own folder (config.json's auto_map), as hub
+    models with custom architectures ship: transformers loads it only with trust_remote_code."""
+    save_tiny_model(folder)
+    (folder / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_tiny_remote.py").write_text(REMOTE_MODEL)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="tiny_remote", architectures=["TinyRemoteForCausalLM"],
+               auto_map={"AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                         "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def test_a_run_trained_with_trust_remote_code_loads_and_exports_with_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.infer.load import load_for_inference
+
+    remote = save_remote_code_model(tmp_path / "remote")
+    with pytest.raises(ValueError, match="trust_remote_code"):  # it really needs its own code
+        AutoModelForCausalLM.from_pretrained(remote)
+    full = train_tiny(tmp_path, remote, name="full", full=True, lora=None, train__learning_rate=1e-3,
+                      trust_remote_code=True)
+    model, _, info = load_for_inference(full)  # what eval, compare and chat load
+    assert info.kind == "run" and type(model).__name__ == "TinyRemoteForCausalLM"
+    out = export_run(full, "merged", tmp_path / "merged")  # verified in a fresh process, with the run's setting
+    assert manifest(out)["trust_remote_code"] is True
+    assert 'from_pretrained("' + str(out) + '", trust_remote_code=True)' in (out / "README.md").read_text()
+    exported, _, _ = load_for_inference(out)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 11]])
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+    # an adapter's base is rebuilt (models.runs.trained_base) with the run's setting too
+    lora = train_tiny(tmp_path, remote, name="lora", trust_remote_code=True)
+    model, _, info = load_for_inference(lora)
+    assert info.kind == "run" and type(model.get_base_model()).__name__ == "TinyRemoteForCausalLM"
+    out = export_run(lora, "adapter", tmp_path / "adapter")  # verified in a fresh process
+    assert manifest(out)["trust_remote_code"] is True
+    exported, _, _ = load_for_inference(out)
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
 def test_refuses_a_base_that_is_gone_or_changed(tiny, tmp_path):

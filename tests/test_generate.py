@@ -171,3 +171,30 @@ def test_cli_chat_streams_replies_until_eof(tiny, run_model, monkeypatch, capsys
     model, tok, _ = run_model
     want = generate(model, tok, [[{"role": "user", "content": "Repeat: sea sky"}]], max_new_tokens=8)[0]
     assert want in out and "(conversation reset)" in err
+
+
+def test_eval_results_are_replaced_whole_never_rewritten_in_place(tiny, tmp_path):  # noqa: F811
+    """eval.json, generations.jsonl and summary.json arrive by rename: a reader (or a crash
+    mid-write) sees the previous file whole or the new one, never a truncated mix."""
+    import os
+    import shutil
+
+    from tunesmith.evaluate.runner import EvalSettings, run_eval
+
+    run_dir = shutil.copytree(tiny["run"], tmp_path / "run")
+    settings = EvalSettings(limit=2, max_new_tokens=4, batch_size=2)
+    run_eval([str(run_dir)], ["instruction_following"], settings)
+    files = [run_dir / "eval" / name for name in ("eval.json", "generations.jsonl", "summary.json")]
+    readers = {f: open(f, encoding="utf-8") for f in files}
+    inodes = {f: os.stat(f).st_ino for f in files}
+    first = {f: f.read_text(encoding="utf-8") for f in files}
+    run_eval([str(run_dir)], ["instruction_following"], settings)
+    for f, reader in readers.items():
+        old = reader.read()
+        reader.close()
+        assert os.stat(f).st_ino != inodes[f], f.name
+        assert old == first[f], f.name  # the reader kept the whole previous file
+    lines = (run_dir / "eval" / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and lines == first[files[1]].splitlines()  # greedy: the same generations again
+    assert json.loads((run_dir / "eval" / "summary.json").read_text()) == json.loads(first[files[2]])
+    assert not [p.name for p in (run_dir / "eval").iterdir() if p.name.startswith(".tmp-")]

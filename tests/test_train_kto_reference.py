@@ -104,6 +104,8 @@ def test_precomputed_reference_is_stored_and_reused_on_resume(tmp_path, model_di
     stored = Path(cfg.output_dir) / REF_FILE
     stamp = stored.stat().st_mtime_ns
     assert "computed in" in capsys.readouterr().err
+    # resuming a finished run is a no-op (tests/test_reliability.py): resume one stopped at its last checkpoint
+    (Path(cfg.output_dir) / "final").rename(Path(cfg.output_dir) / "final-first")
     run(cfg, resume=True)
     assert "reused from" in capsys.readouterr().err
     assert stored.stat().st_mtime_ns == stamp

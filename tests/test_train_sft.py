@@ -154,13 +154,18 @@ def test_nonfinite_loss_skips_update_then_stops(tmp_path, tiny_model_dir, monkey
     monkeypatch.setattr(sft.SFT, "loss", flaky)
     cfg = make_cfg(tmp_path, tiny_model_dir, data__eval_split=0.0, train__max_steps=20, train__save_steps=2,
                    train__max_nonfinite=3)
-    with pytest.raises(TunesmithError, match=r"step 9: 3 consecutive non-finite"):
+    out = Path(cfg.output_dir)
+    # Steps 7, 8, 9 fail: the weights of step 6 never gave a finite loss, so the newest good
+    # checkpoint is 4 (step 5 was finite), kept although save_total_limit is 2.
+    with pytest.raises(TunesmithError, match=rf"step 9: 3 consecutive non-finite .*last good checkpoint is "
+                                             rf"{out / 'checkpoint-4'}"):
         run(cfg)
-    m = metrics(Path(cfg.output_dir))
+    m = metrics(out)
     assert [x["step"] for x in m if x.get("skipped_nonfinite")] == [3, 7, 8, 9]
     assert all(x["loss"] == x["loss"] for x in m if x.get("loss") is not None)
-    ckpts = sorted(p.name for p in Path(cfg.output_dir).glob("checkpoint-*"))
-    assert ckpts[-1] == "checkpoint-8"  # last checkpoint before the failure is kept
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # what --resume picks
+    assert sorted(p.name for p in out.glob("diverged-checkpoint-*")) == ["diverged-checkpoint-6",
+                                                                         "diverged-checkpoint-8"]  # kept aside
 
 
 def test_qlora_refused_on_cpu_before_loading(tmp_path):
@@ -207,7 +212,7 @@ def _cli(args: list[str], driver: tuple[str, int] | None = None, tmp: Path | Non
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model_dir, sig):
     from tunesmith.config import save_config
 
@@ -225,9 +230,9 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, tiny_model_dir, sig):
             if sig == "SIGKILL":
                 assert p.returncode == -9
                 assert not (d / "run" / "final").exists()
-            else:  # SIGTERM: finishes step 8, saves a checkpoint, exits cleanly
-                assert p.returncode == 0, p.stderr
-                assert "SIGTERM" in p.stderr and (d / "run" / "checkpoint-8").exists()
+            else:  # SIGTERM: finishes step 8, saves a checkpoint, exits cleanly; SIGINT (Ctrl-C) too, exit 130
+                assert p.returncode == (0 if sig == "SIGTERM" else 130), p.stderr
+                assert sig in p.stderr and (d / "run" / "checkpoint-8").exists()
             p = _cli(["train", str(d / "cfg.yaml"), "--resume"])
             assert p.returncode == 0, p.stderr
             assert "resumed from" in p.stderr

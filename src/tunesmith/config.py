@@ -22,7 +22,9 @@ from tunesmith.errors import TunesmithError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` pass `gt=0` checks (epochs: .inf never ends,
+    # learning_rate: .nan trains garbage), so every float must be finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -38,6 +40,9 @@ class DataConfig(_Section):
     group_by_length: bool = Field(True, description="batch records of similar length together to cut padding")
     on_overflow: Literal["error", "drop"] = Field(
         "error", description="a record whose trained tokens would all be truncated: refuse the run, or drop it")
+    special_tokens_in_content: Literal["error", "text"] = Field(
+        "error", description="a special token such as `<|im_end|>` written inside a record's text: refuse the "
+        "run (it would become a control token, e.g. a fake turn boundary), or keep it as plain text tokens")
 
 
 class LoraConfig(_Section):
@@ -67,13 +72,14 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping norm; 0 disables")
     seed: int = Field(0, description="seed for initialisation, shuffling and dropout")
     save_steps: int = Field(50, ge=0, description="checkpoint every N optimizer steps; 0 = only at the end")
-    save_total_limit: Optional[int] = Field(2, description="keep the last K checkpoints")
+    save_total_limit: Optional[int] = Field(2, ge=1, description="keep the last K checkpoints (K >= 1; null keeps "
+                                            "them all)")
     eval_steps: int = Field(50, ge=0, description="evaluate every N optimizer steps; 0 = only at the end")
     logging_steps: int = Field(1, gt=0, description="log train metrics every N optimizer steps")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="compute dtype; auto = bf16 only where fast")
     gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
         "auto", description="recompute activations; auto = only when memory requires it")
-    threads: Optional[int] = Field(None, description="CPU threads; default = cores")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads (>= 1); default = cores")
     max_nonfinite: int = Field(5, gt=0, description="stop after N consecutive non-finite losses/gradients")
     memory_limit_gib: Optional[float] = Field(None, description="memory budget for the fit check; default = device memory")
 

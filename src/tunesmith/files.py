@@ -10,13 +10,18 @@ a complete folder from a damaged one before trusting it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +95,49 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None, so that ``json.dumps(allow_nan=False)``
+    writes strict JSON: ``NaN`` and ``Infinity`` are not JSON, and strict readers
+    (browsers, jq, most languages) refuse the whole file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON text of ``obj`` (see ``strict``)."""
+    return json.dumps(strict(obj), allow_nan=False, **kw)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log, leaving out a torn last line (what a kill during a
+    write leaves behind); a damaged line elsewhere is an error, since it means the file was
+    edited or corrupted rather than cut short."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # cut short by a kill: the lines before it are whole
+            raise TunesmithError(f"{path}:{i + 1}: not a JSON line; the log is damaged — delete the line or the "
+                                 f"file (it is rewritten from the checkpoints on --resume)") from None
+    return out
+
+
+def _no_space(e: BaseException) -> bool:
+    """A write failed because the device is full (safetensors reports it as its own error)."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` in one rename: a crash leaves the old file or the new one."""
     path = Path(path)
@@ -158,8 +206,11 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
         fsync(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)  # the save succeeded; recover drops leftovers
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e):
+            raise TunesmithError(f"no space left on the device while writing {final}; free some space and run the "
+                                 f"command again (what was saved before is intact)") from None
         raise
 
 
@@ -184,9 +235,15 @@ def manifest_problem(folder: Path, full: bool) -> tuple[dict | None, str | None]
         return None, f"{MANIFEST} is unreadable"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         return None, f"{MANIFEST} has no file list"
+    if not isinstance(manifest.get("format_version", 0), int):
+        return None, f"{MANIFEST} is malformed (format_version)"
     if manifest.get("format_version", 0) > MANIFEST_VERSION:
         return None, f"it was written by a newer tunesmith (format {manifest['format_version']})"
     for name, want in manifest["files"].items():
+        if not (isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("sha256"), str)):
+            return None, f"{MANIFEST} is malformed (its entry for {name})"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return None, f"{MANIFEST} is malformed (it lists {name}, outside the folder)"
         path = folder / name
         if not path.is_file():
             return manifest, f"{name} is missing"
@@ -206,3 +263,100 @@ def verify_manifest(folder: str | os.PathLike, *, kind: str = "folder", fix: str
     if problem:
         raise TunesmithError(f"{kind} {folder}: {problem}; {fix}")
     return manifest
+
+
+# ---------------------------------------------------------------- one writer per folder
+
+LOCK = ".tunesmith.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class FolderLock:
+    """An advisory lock: one tunesmith writer per run or pipeline folder.
+
+    ``FOLDER/.tunesmith.lock`` is created with O_EXCL (atomic on local file systems) and
+    holds the holder's pid, host, start time and command. A second writer is refused in
+    one sentence naming the holder; a lock whose pid is gone on this host (a killed run)
+    is taken over with a message. A lock from another host is never taken over: that
+    process cannot be seen from here. Re-entrant within one process.
+    """
+
+    _held: dict[str, int] = {}  # lock path → depth, in this process
+
+    def __init__(self, folder: str | os.PathLike, what: str = "run folder"):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "command": " ".join(sys.argv)[:200]}
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return True
+
+    def acquire(self) -> FolderLock:
+        from tunesmith import console
+
+        key = str(self.path.resolve())
+        if self._held.get(key):
+            self._held[key] += 1
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            if self._create():
+                self._held[key] = 1
+                return self
+            h = self.holder()
+            if h is None:  # a lock file being written this instant, or torn by a crash: look again
+                time.sleep(0.2)
+                h = self.holder()
+            here = h is not None and h.get("host") == socket.gethostname()
+            if h is None or (here and not _alive(int(h.get("pid", -1)))):
+                who = f"pid {h['pid']}, started {h.get('started')}" if h else "an unreadable lock"
+                console.warn(f"taking over the stale lock of {self.what} {self.folder} ({who}: that process is "
+                             f"gone)")
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            raise TunesmithError(
+                f"{self.what} {self.folder} is in use by pid {h.get('pid')} on {h.get('host')} since "
+                f"{h.get('started')} (`{h.get('command')}`); wait for it to finish or stop it — one writer per folder")
+        raise TunesmithError(f"could not lock {self.what} {self.folder}: another process keeps taking it; "
+                             f"make sure only one tunesmith command writes there")
+
+    def release(self) -> None:
+        key = str(self.path.resolve())
+        depth = self._held.get(key, 0)
+        if depth > 1:
+            self._held[key] = depth - 1
+            return
+        self._held.pop(key, None)
+        h = self.holder()
+        if h is not None and h.get("pid") == os.getpid() and h.get("host") == socket.gethostname():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from tunesmith.errors import TunesmithError
+
 
 @dataclass
 class Hardware:
@@ -106,6 +108,9 @@ def choose_dtype(requested: str, hw: Hardware) -> tuple[torch.dtype, str]:
 def set_threads(threads: int | None) -> int:
     """threads = cores by default (torch's own default can count hyper-threads)."""
     n = threads or cpu_cores()
+    if n < 1:  # torch.set_num_threads(-1) is a RuntimeError deep inside a run
+        raise TunesmithError(f"threads = {n} is invalid: use a positive number of CPU threads, or leave "
+                             "train.threads out to use every core")
     torch.set_num_threads(n)
     return n
 

@@ -26,19 +26,29 @@ of the train stages and the comparison, with sections a caller adds (the quickst
 "Before → after" table).
 
 Re-running: a stage's key is the sha256 of its resolved config, its data files and the
-final weights of the stages it reads. A stage whose key matches the one recorded in
-``lineage.json`` and whose outputs exist is skipped; a train stage that was interrupted
-(checkpoints, no ``final/``) resumes with ``--resume``; a stage whose key changed runs
-again (its old folder is kept as ``<stage>.previous``), and so does everything
-downstream, whose keys include its output.
+final weights of the stages it reads. A stage records its key in ``lineage.json`` when it
+starts (``status: started``, one ``attempts`` entry per start, with the checkpoint step it
+resumed from) and again when it is done (``status: done``, with its output). A stage whose
+key matches a done entry and whose outputs exist is skipped; a stage with the same key that
+did not finish resumes (a train stage with ``--resume`` from its newest checkpoint); a
+stage whose key changed runs again (its old folder is kept as ``<stage>.previous``), and so
+does everything downstream, whose keys include its output.
+
+One writer: ``tunesmith run`` holds ``OUTPUT_DIR/.tunesmith.lock`` (``files.FolderLock``)
+while it writes, so a second ``tunesmith run`` on the same folder is refused. SIGTERM and
+SIGINT are forwarded to a running trainer, which finishes its step, checkpoints and exits;
+the pipeline waits for it, then stops with one sentence saying how to resume. Outside a
+trainer they stop the pipeline at once (every file it writes is replaced atomically).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -46,16 +56,22 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tunesmith import console
 from tunesmith.config import _explain, _Section, load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.files import folder_hash, sha256_file, write_text_atomic
+from tunesmith.files import FolderLock, folder_hash, remove_dir, sha256_file, write_text_atomic
 from tunesmith.infer import GENERATION_BATCH
 
 LINEAGE = "lineage.json"
 BASE = "base"  # the pipeline's model, as a compare entry
+REPORT_FILES = ("report.html", "report.md")
+# A stage name becomes a folder that is renamed (.previous) and deleted (export), and a
+# STAGE.yaml beside it: only a plain name, never a path, a hidden name (atomic_dir's
+# .tmp-/.old- leftovers), another stage's .previous/.yaml, or a file the pipeline writes.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class CompareSpec(_Section):
@@ -78,6 +94,15 @@ class StageSpec(_Section):
     train: Optional[dict[str, Any]] = Field(None, description="a run config (tunesmith train keys)")
     compare: Optional[CompareSpec] = None
     export: Optional[ExportSpec] = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, name: str) -> str:
+        if (not _PLAIN_NAME.fullmatch(name) or name.endswith((".previous", ".yaml"))
+                or name in (LINEAGE, *REPORT_FILES)):
+            raise ValueError(f"stage name `{name}` is not a plain folder name; use letters, digits, `-`, `_` and `.` "
+                             f"(not first, no `.previous`/`.yaml` ending), since it names the folder OUTPUT_DIR/NAME")
+        return name
 
     @model_validator(mode="after")
     def _one_kind(self) -> "StageSpec":
@@ -138,18 +163,68 @@ def _sha(obj: Any) -> str:
 
 
 class Lineage:
-    """``lineage.json``: per stage, its key, inputs (with hashes), outputs and timings."""
+    """``lineage.json``: per stage, its key, status, attempts, inputs (with hashes), outputs
+    and timings."""
 
     def __init__(self, out: Path):
         self.path = out / LINEAGE
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+        self.data = self._read() if self.path.exists() else {"stages": {}}
+
+    def _read(self) -> dict:
+        fix = "delete it to re-run every stage (their folders are kept beside, as STAGE.previous)"
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError too
+            raise TunesmithError(f"{self.path} is not readable JSON ({getattr(e, 'msg', None) or e}); {fix}") from None
+        stages = data.get("stages") if isinstance(data, dict) else None
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise TunesmithError(f"{self.path} is not a pipeline lineage (a `stages` mapping of one entry per stage); "
+                                 f"{fix}")
+        return data
 
     def get(self, name: str) -> dict:
         return self.data["stages"].get(name, {})
 
+    def finished(self, name: str, key: str) -> bool:
+        """The stage finished with ``key`` (entries written before statuses existed count as done)."""
+        old = self.get(name)
+        return old.get("key") == key and old.get("status", "done") == "done" and "output" in old
+
     def record(self, name: str, entry: dict) -> None:
         self.data["stages"][name] = entry
         write_text_atomic(self.path, json.dumps(self.data, indent=2))  # a crash never leaves half a lineage file
+
+
+class _Interrupted(BaseException):
+    """SIGTERM/SIGINT while no trainer runs: unwinds like Ctrl-C (atomic writers clean up)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _finished_run(folder: Path) -> dict | None:
+    """run.json of a train stage whose trainer finished (final/ written, not stopped by a signal)."""
+    try:
+        manifest = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):  # absent, or cut short by a kill while it was written
+        return None
+    if not isinstance(manifest, dict) or manifest.get("stopped_by_signal") or not (folder / "final").is_dir():
+        return None
+    return manifest
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of the checkpoint ``--resume`` would start from (the trainer's own choice)."""
+    from tunesmith.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(folder) if folder.is_dir() else None
+    m = re.search(r"checkpoint-(\d+)", latest.name) if latest is not None else None
+    return int(m[1]) if m else None
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 # ------------------------------------------------------------------------- the runner
@@ -161,9 +236,13 @@ class Pipeline:
         self.base_dir: Path = getattr(spec, "_base_dir", Path.cwd())
         self.out = self._path(spec.output_dir)
         self.python = python
-        self.lineage = Lineage(self.out) if self.out.exists() else None
+        self.lineage: Lineage | None = None    # read under the folder's lock, in run()
         self.outputs: dict[str, str] = {}      # stage → output hash (final weights, results)
         self.results: dict[str, Any] = {}      # stage → what the stage returned (comparison, export path)
+        self._validated = self._guarded = self._raised = self._starting = False
+        self._signal: int | None = None        # SIGTERM/SIGINT received while running
+        self._child: subprocess.Popen | None = None  # the trainer now running
+        self._current: StageSpec | None = None  # the stage now running
 
     def _path(self, p: str) -> Path:
         q = Path(p).expanduser()
@@ -238,30 +317,88 @@ class Pipeline:
             elif stage.kind == "compare":
                 for m in stage.compare.models:
                     self._stage_ref(m, [])
+        self._validated = True
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Around everything that writes: the pipeline folder's lock (one ``tunesmith run`` per
+        folder) and SIGTERM/SIGINT handling; an interruption ends as one sentence. Re-entrant."""
+        if self._guarded:
+            yield
+            return
+        self._guarded = True
+        try:
+            with self._signals(), FolderLock(self.out, "pipeline folder"):
+                yield
+        except _Interrupted as e:
+            raise TunesmithError(self._interrupted(e.signum)) from None
+        finally:
+            self._guarded = False
+
+    @contextlib.contextmanager
+    def _signals(self):
+        try:
+            old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        except ValueError:  # not the main thread: signals cannot be handled here
+            old = {}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._signal = signum
+        if self._child is not None:  # the trainer finishes its step, checkpoints and exits: wait for it
+            self._child.send_signal(signum)
+        elif not self._starting and not self._raised:  # once: a second signal must not cut the clean-up short
+            self._raised = True
+            raise _Interrupted(signum)
+
+    def _interrupted(self, signum: int) -> str:
+        name, stage = _signal_name(signum), self._current
+        if stage is None:
+            return (f"the pipeline was interrupted by {name} between stages; run the same `tunesmith run` again "
+                    f"to continue (finished stages are skipped)")
+        if stage.kind != "train":
+            return (f"stage {stage.name} was interrupted by {name}; run the same `tunesmith run` again to redo it "
+                    f"(finished stages are skipped)")
+        step = _checkpoint_step(self.stage_dir(stage.name))
+        if step is None:
+            return (f"stage {stage.name} was interrupted by {name} before its first checkpoint; run the same "
+                    f"`tunesmith run` again to start it over")
+        return (f"stage {stage.name} was interrupted by {name} and keeps its checkpoint at step {step} in "
+                f"{self.stage_dir(stage.name)}; run the same `tunesmith run` again to resume it from there")
 
     def run(self) -> dict:
-        self.validate()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lineage = Lineage(self.out)
-        started = time.time()
-        for stage in self.spec.stages:
-            getattr(self, f"_run_{stage.kind}")(stage)
-        console.info(f"pipeline {self.spec.name} done in {time.time() - started:.0f} s; lineage in "
-                     f"{self.out / LINEAGE}")
+        if not self._validated:
+            self.validate()
+        with self.guard():
+            self.lineage = Lineage(self.out)
+            started = time.time()
+            for stage in self.spec.stages:
+                self._current = stage
+                getattr(self, f"_run_{stage.kind}")(stage)
+                self._current = None
+                if self._signal is not None:  # it came while a trainer was finishing: stop before the next stage
+                    raise _Interrupted(self._signal)
+            console.info(f"pipeline {self.spec.name} done in {time.time() - started:.0f} s; lineage in "
+                         f"{self.out / LINEAGE}")
         return self.results
 
     def _skip_or_prepare(self, stage: StageSpec, key: str, done: bool) -> str:
-        """'skip' (same key, outputs present), 'resume' (same key, interrupted) or 'run'."""
+        """'skip' (finished with this key, outputs present), 'resume' (same key, not finished or
+        outputs gone) or 'run'."""
         old = self.lineage.get(stage.name)
         folder = self.stage_dir(stage.name)
-        if old.get("key") == key and done:
+        if self.lineage.finished(stage.name, key) and done:
             return "skip"
         if old.get("key") == key and folder.exists():
             return "resume"
         if folder.exists():  # its inputs changed: keep the old result beside, run afresh
             prev = folder.with_name(folder.name + ".previous")
             if prev.exists():
-                shutil.rmtree(prev)
+                remove_dir(prev)
             folder.rename(prev)
             console.info(f"stage {stage.name}: inputs changed; the previous run is kept in {prev}")
         return "run"
@@ -271,18 +408,28 @@ class Pipeline:
         console.info(f"stage {stage.name}: unchanged, skipped ({where})")
         self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
 
+    def _start(self, stage: StageSpec, key: str, from_step: int | None = None) -> None:
+        """Record the key before the stage writes anything: an interruption then resumes it."""
+        old = self.lineage.get(stage.name)
+        attempts = old.get("attempts", []) if old.get("key") == key else []
+        attempt = {"started": time.time(), **({"from_step": from_step} if from_step is not None else {})}
+        self.lineage.record(stage.name, {"kind": stage.kind, "key": key, "status": "started",
+                                         "attempts": [*attempts, attempt]})
+
     def _finish(self, stage: StageSpec, key: str, t0: float, inputs: dict, output: str, extra: dict | None = None):
         self.outputs[stage.name] = output
-        self.lineage.record(stage.name, {"kind": stage.kind, "key": key, "inputs": inputs, "output": output,
-                                         "seconds": round(time.time() - t0, 1), "finished": time.time(),
-                                         **(extra or {})})
+        old = self.lineage.get(stage.name)
+        attempts = old.get("attempts", []) if old.get("key") == key else []
+        self.lineage.record(stage.name, {"kind": stage.kind, "key": key, "status": "done", "attempts": attempts,
+                                         "inputs": inputs, "output": output, "seconds": round(time.time() - t0, 1),
+                                         "finished": time.time(), **(extra or {})})
 
     def _run_check(self, stage: StageSpec) -> None:
         from tunesmith.data.validate import check_files
 
         files = [str(self._path(f)) for f in stage.check]
         key = self._key(stage, None, files, [])
-        if self.lineage.get(stage.name).get("key") == key:  # the same bytes were checked before
+        if self.lineage.finished(stage.name, key):  # the same bytes were checked before
             self._skipped(stage, "data already checked")
             return
         t0 = time.time()
@@ -299,28 +446,73 @@ class Pipeline:
         raw, upstream, files = self.train_config(stage)
         key = self._key(stage, raw, files, upstream)
         folder = self.stage_dir(stage.name)
+        if folder.exists():
+            with FolderLock(folder, "run folder"):  # refused while a trainer (say an orphan) still writes there
+                pass
         action = self._skip_or_prepare(stage, key, (folder / "final").is_dir() and (folder / "run.json").exists())
         if action == "skip":
             self._skipped(stage, folder)
             return
         t0 = time.time()
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg_file = self.out / f"{stage.name}.yaml"
-        cfg_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-        cmd = [self.python, "-m", "tunesmith", "train", str(cfg_file)]
-        resuming = action == "resume" and any(folder.glob("checkpoint-*"))
-        if resuming:
-            cmd.append("--resume")
-        console.info(f"stage {stage.name}: {'resuming' if resuming else 'training'} — {' '.join(cmd[2:])}")
-        proc = subprocess.run(cmd, cwd=str(self.base_dir), env={**os.environ, "TUNESMITH_STAGE": stage.name})
-        if proc.returncode != 0:
-            raise TunesmithError(f"stage {stage.name} failed (exit {proc.returncode}); its folder {folder} keeps "
-                                 f"what was saved — fix the cause and run the pipeline again to resume")
-        manifest = json.loads((folder / "run.json").read_text())
+        manifest = _finished_run(folder) if action == "resume" else None
+        if manifest is not None:  # the trainer finished just before an interruption reached the pipeline
+            console.info(f"stage {stage.name}: its run finished before the last interruption; recorded")
+        else:
+            manifest = self._train(stage, raw, key, action)
         self.results[stage.name] = manifest
+        cfg_file = self.out / f"{stage.name}.yaml"
         self._finish(stage, key, t0, {"config": str(cfg_file), "data": {f: manifest["data"].get(f) for f in files},
                                       "upstream": {u: self.outputs.get(u) for u in upstream}},
                      folder_hash(folder / "final"), {"final": str(folder / "final")})
+
+    def _train(self, stage: StageSpec, raw: dict, key: str, action: str) -> dict:
+        """Run (or resume) the stage's trainer as ``tunesmith train`` in its own process; its run.json."""
+        folder = self.stage_dir(stage.name)
+        step = _checkpoint_step(folder) if action == "resume" else None
+        self._start(stage, key, from_step=step or 0)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg_file = self.out / f"{stage.name}.yaml"
+        write_text_atomic(cfg_file, yaml.safe_dump(raw, sort_keys=False))
+        cmd = [self.python, "-m", "tunesmith", "train", str(cfg_file)] + (["--resume"] if step else [])
+        console.info(f"stage {stage.name}: {f'resuming from step {step}' if step else 'training'} — "
+                     f"{' '.join(cmd[2:])}")
+        code = self._wait_for_trainer(cmd, {**os.environ, "TUNESMITH_STAGE": stage.name})
+        manifest = _finished_run(folder)
+        if self._signal is not None:
+            if manifest is None:
+                raise _Interrupted(self._signal)
+            return manifest  # it finished as the signal came (it may have died exiting): the stage is done
+        if code != 0:
+            raise TunesmithError(f"stage {stage.name} failed (exit {code}); its folder {folder} keeps "
+                                 f"what was saved — fix the cause and run the pipeline again to resume")
+        if manifest is None:
+            raise TunesmithError(f"stage {stage.name}: its trainer stopped before the end (a signal sent to it, not "
+                                 f"to the pipeline) and {folder} keeps its checkpoints; run the pipeline again to "
+                                 f"resume it")
+        return manifest
+
+    def _wait_for_trainer(self, cmd: list[str], env: dict) -> int:
+        """Run the trainer and always wait for it: a SIGTERM/SIGINT to the pipeline goes on to it."""
+        self._starting = True  # a signal now is only recorded; it is forwarded once the trainer exists
+        try:
+            child = subprocess.Popen(cmd, cwd=str(self.base_dir), env=env)
+        except BaseException:
+            self._starting = False
+            raise
+        # Hold signals while the trainer becomes the forwarding target, so one that came
+        # during Popen is sent exactly once (Popen returns after exec: the mask is not inherited).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        self._child, self._starting, pending = child, False, self._signal
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            if pending is not None:
+                child.send_signal(pending)
+            return child.wait()
+        finally:
+            if child.poll() is None:  # only if waiting itself failed: never leave the trainer behind
+                child.terminate()
+                child.wait()
+            self._child = None
 
     def _model_entry(self, name: str) -> tuple[str, str]:
         """(label, spec for load_for_inference) of a compare entry."""
@@ -342,6 +534,7 @@ class Pipeline:
             self.results[stage.name] = json.loads(result_file.read_text())
             return
         t0 = time.time()
+        self._start(stage, key)
         folder.mkdir(parents=True, exist_ok=True)
         models = [self._model_entry(m) for m in c.models]
         suites = [str(self._path(s)) if Path(self._path(s)).is_file() else s for s in c.suites]
@@ -349,7 +542,7 @@ class Pipeline:
 
         result = compare_models([spec for _, spec in models], suites, max_new_tokens=c.max_new_tokens,
                                 batch_size=c.batch_size, limit=c.limit, labels=[label for label, _ in models])
-        result_file.write_text(json.dumps(result, indent=2, default=str))
+        write_text_atomic(result_file, json.dumps(result, indent=2, default=str))
         self.results[stage.name] = result
         self._finish(stage, key, t0, {"models": dict(models), "suites": suites}, _sha(result.get("metrics")))
 
@@ -364,8 +557,9 @@ class Pipeline:
             self.results[stage.name] = str(folder)
             return
         t0 = time.time()
+        self._start(stage, key)
         if folder.exists():
-            shutil.rmtree(folder)  # an interrupted export left nothing usable (exports are atomic)
+            remove_dir(folder)  # an interrupted export left nothing usable (exports are atomic)
         export_run(self.stage_dir(src), stage.export.format, folder)
         self.results[stage.name] = str(folder)
         self._finish(stage, key, t0, {"from": src, "format": stage.export.format}, folder_hash(folder),
@@ -378,19 +572,25 @@ Section = tuple[str, str, str]
 
 def finish(spec: PipelineSpec, sections: Callable[[Pipeline], list[Section]] | None = None) -> Pipeline:
     """Run ``spec``, then write the report of its train stages and comparison
-    (``report.html`` + ``report.md``), with ``sections(pipeline)`` added, and say where it is."""
+    (``report.html`` + ``report.md``), with ``sections(pipeline)`` added, and say where it is.
+    A pipeline of data checks only has nothing to report: it says the checks passed."""
     from tunesmith.evaluate.report import build_report
 
     pipeline = Pipeline(spec)
-    pipeline.run()
-    runs = [pipeline.stage_dir(s.name) for s in spec.stages if s.kind == "train"]
-    comparison = next((pipeline.results[s.name] for s in spec.stages if s.kind == "compare"), None)
-    extra = sections(pipeline) if sections else []
-    html, md = pipeline.out / "report.html", pipeline.out / "report.md"
-    build_report(runs, comparison, html, md, extra_sections=[(title, body) for title, body, _ in extra])
-    if extra:
-        md.write_text(md.read_text() + "".join(f"\n\n## {title}\n\n{text}\n" for title, _, text in extra))
+    pipeline.validate()  # before the lock creates the folder: a bad spec writes nothing
+    with pipeline.guard():
+        pipeline.run()
+        runs = [pipeline.stage_dir(s.name) for s in spec.stages if s.kind == "train"]
+        comparison = next((pipeline.results[s.name] for s in spec.stages if s.kind == "compare"), None)
+        if not runs and comparison is None:
+            checked = [s.name for s in spec.stages if s.kind == "check"]
+            console.info(f"pipeline {spec.name}: every data check passed ({', '.join(checked) or 'no stages'}); "
+                         f"no report, since it has no train or compare stage")
+            return pipeline
+        extra = sections(pipeline) if sections else []
+        html, md = (pipeline.out / name for name in REPORT_FILES)
+        text = build_report(runs, comparison, html, None, extra_sections=[(title, body) for title, body, _ in extra])
+        write_text_atomic(md, text + "".join(f"\n\n## {title}\n\n{body}\n" for title, _, body in extra))
     export = next((pipeline.results[s.name] for s in spec.stages if s.kind == "export"), None)
     console.info(f"report: {html} (summary {md})" + (f"; exported model: {export}" if export else ""))
     return pipeline
-

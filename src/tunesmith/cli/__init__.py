@@ -2,6 +2,7 @@
 
 Every user-fixable problem arrives as a ``TunesmithError`` and is printed as one
 sentence (no traceback) with exit code 1; ``TUNESMITH_DEBUG=1`` shows the traceback.
+A usage error (unknown option or command, missing argument) is one line too, exit code 2.
 """
 
 from __future__ import annotations
@@ -35,11 +36,41 @@ def _register() -> None:
     app.add_typer(_data.app, name="data")
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error classes, abort classes) of every click that typer may raise from.
+
+    Recent typer (0.29 here) ships its own copy of click (``typer._click``) whose exceptions are not
+    ``click``'s, while older typer raises ``click``'s own: catch both, whichever exist."""
+    import importlib
+
+    errors: list[type] = []
+    aborts: list[type] = [typer.Abort]
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        errors.append(mod.ClickException)
+        if isinstance(getattr(mod, "Abort", None), type):
+            aborts.append(mod.Abort)
+    return tuple(errors), tuple(aborts)
+
+
+def _usage_error(err) -> str:
+    """Click's message as one sentence that points at the right ``--help``."""
+    msg = " ".join(err.format_message().split()).rstrip(".")
+    ctx = getattr(err, "ctx", None)
+    where = ctx.command_path if ctx is not None else "tunesmith"
+    return f"{msg}; see `{where} --help` for usage"
+
+
 def main(argv: list[str] | None = None) -> None:
     _register()
+    click_errors, aborts = _click_exceptions()
     try:
-        # standalone_mode=False returns a command's `typer.Exit(code)` instead of exiting.
-        rv = app(args=argv, standalone_mode=False)
+        # standalone_mode=False returns a command's `typer.Exit(code)` instead of exiting;
+        # prog_name keeps usage messages saying `tunesmith` under pytest or `python -m`.
+        rv = app(args=argv, standalone_mode=False, prog_name="tunesmith")
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except TunesmithError as err:
@@ -54,12 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         console.error("interrupted")
         sys.exit(130)
-    except Exception as err:  # click usage errors and friends
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except click_errors as err:  # usage errors: unknown option or command, missing argument
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `tunesmith` / `tunesmith data`: the help
             err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+        else:
+            console.error(_usage_error(err) if hasattr(err, "ctx") else err.format_message())
+        sys.exit(err.exit_code)
+    except aborts:
+        sys.exit(1)

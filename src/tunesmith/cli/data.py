@@ -22,6 +22,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 _FORMAT_HELP = ("Skip detection and read every record as this format: alpaca, prompt_response, text, "
                 "openai_messages, sharegpt, preference, sharegpt_preference, unpaired, prompt_only, canonical.")
+_SPECIAL_HELP = ("A special token such as <|im_end|> inside a record's text: 'error' reports it (it would become a "
+                 "control token), 'text' keeps it as plain text (as data.special_tokens_in_content: text).")
 _COLUMNS_HELP = ("Map unusual column names, e.g. 'prompt=q,response=a' (targets: prompt, response, "
                  "instruction, input, output, system, messages, conversations, chosen, rejected, label, "
                  "text, tools, history).")
@@ -45,6 +47,12 @@ def _columns(spec: str | None) -> dict[str, str] | None:
     return out
 
 
+def _special(value: str) -> str:
+    if value not in ("error", "text"):
+        raise TunesmithError(f"--special-tokens-in-content {value!r} is not a choice; use error or text")
+    return value
+
+
 def _tokenizer(model: str | None):
     from tunesmith.models import load_tokenizer  # lazy: checking data needs no model
 
@@ -60,18 +68,21 @@ def check(
     format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
     columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON on stdout."),
+    special_tokens_in_content: str = typer.Option("error", "--special-tokens-in-content", help=_SPECIAL_HELP),
 ) -> None:
     """Report records, format, kind, every problem as file:line:field, duplicates and token lengths.
 
     Exit code 0 when no errors were found (warnings such as duplicates allowed), 1 otherwise.
+    Special tokens inside the text are found with a tokenizer only (--model or --max-length).
     """
     from tunesmith.data.validate import check_files, render_report
 
     if max_length is not None and max_length < 1:
         raise TunesmithError(f"--max-length must be a positive number of tokens, got {max_length}")
+    special = _special(special_tokens_in_content)
     tokenizer = _tokenizer(model) if (model or max_length) else None
     report = check_files(files, format=format, columns=_columns(columns), tokenizer=tokenizer,
-                         max_length=max_length)
+                         max_length=max_length, special_tokens_in_content=special)
     if as_json:
         # markup/emoji off: record text such as "[b]" or ":smile:" must come out verbatim.
         console.out.print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2),
@@ -129,26 +140,33 @@ def inspect(
     max_length: int = typer.Option(None, "--max-length", help="Truncate as training would (tokens)."),
     format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
     columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
+    special_tokens_in_content: str = typer.Option("error", "--special-tokens-in-content", help=_SPECIAL_HELP),
 ) -> None:
     """Show one record tokenised: trained tokens coloured (or wrapped in [[ ]] when piped)."""
     from tunesmith.data.schema import kind_of
     from tunesmith.data.validate import load_records
 
+    special = _special(special_tokens_in_content)
     records = load_records(file, format=format, columns=_columns(columns))
     if not 0 <= index < len(records):
         raise TunesmithError(f"--index {index} is out of range; {file} holds {len(records)} record(s) "
                              f"(0 to {len(records) - 1})")
     from tunesmith.data.inspect import render_tokens
-    from tunesmith.data.tokenize import tokenize_preference, tokenize_record
+    from tunesmith.data.tokenize import SpecialTokenError, tokenize_preference, tokenize_record
 
     tokenizer = _tokenizer(model)
     rec = records[index]
     kind = kind_of(rec)
-    if kind == "preference":
-        pe = tokenize_preference(rec, tokenizer, max_length=max_length)
-        shown = [("chosen", pe.chosen), ("rejected", pe.rejected)]
-    else:
-        shown = [(kind, tokenize_record(rec, tokenizer, max_length=max_length))]
+    try:
+        if kind == "preference":
+            pe = tokenize_preference(rec, tokenizer, max_length=max_length, special_tokens_in_content=special)
+            shown = [("chosen", pe.chosen), ("rejected", pe.rejected)]
+        else:
+            shown = [(kind, tokenize_record(rec, tokenizer, max_length=max_length,
+                                            special_tokens_in_content=special))]
+    except SpecialTokenError as e:
+        raise TunesmithError(f"{file} record {index}, {e.field}: {e.reason} (or pass --special-tokens-in-content "
+                             "text)") from None
     color = console.is_tty()
     for name, ex in shown:
         cut = f", truncated from {ex.n_tokens}" if ex.truncated else ""

@@ -73,6 +73,7 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
     batch_size: int = typer.Option(GENERATION_BATCH, "--batch-size", help="prompts decoded together"),
 ) -> None:
+    from tunesmith.files import write_text_atomic
     from tunesmith.infer.generate import completion_record, generate, read_prompts
     from tunesmith.infer.load import load_for_inference
 
@@ -83,9 +84,8 @@ def generate(
     started = time.time()
     texts = generate(m, tok, [r["prompt"] for r in records], batch_size=batch_size, progress=True, **settings)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        for r, text in zip(records, texts):
-            f.write(json.dumps(completion_record(r, text), ensure_ascii=False) + "\n")
+    write_text_atomic(output, "".join(json.dumps(completion_record(r, text), ensure_ascii=False) + "\n"
+                                      for r, text in zip(records, texts)))  # never half a file under its name
     console.info(f"wrote {len(texts)} completions to {output} in {time.time() - started:.1f} s")
 
 

@@ -54,5 +54,6 @@ def score(
         acc = sum(r["score_chosen"] > r["score_rejected"] for r in pairs) / len(pairs)
         summary += f"; pair accuracy {acc:.3f} ({len(pairs)} pairs)"
     console.info(summary)
+    # markup off: the output path is user data ("runs/[x]" is a valid folder name).
     console.out.print(json.dumps({"records": len(records), "output": str(output),
-                                  **({"pair_accuracy": acc} if pairs else {})}))
+                                  **({"pair_accuracy": acc} if pairs else {})}), markup=False, highlight=False)

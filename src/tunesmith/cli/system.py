@@ -47,7 +47,9 @@ def models(as_json: bool = typer.Option(False, "--json", help="print machine-rea
     if as_json:
         console.out.print_json(json.dumps(rows))
         return
-    t = Table(title=f"embedded models (cache: {tunesmith_home()})")
+    from rich.markup import escape
+
+    t = Table(title=f"embedded models (cache: {escape(str(tunesmith_home()))})")
     for col in ("name", "package", "cached", "size", "description"):
         t.add_column(col)
     for r in rows:

@@ -23,7 +23,14 @@ Example config (sft.yaml):
 """
 
 
-@app.command(help="Train a model from a run config (YAML).", epilog=EXAMPLE.replace("\n    ", "\n\n    "))
+# Said where a user reads before running someone else's config: a reward function is code.
+TRUST = ("Reward functions (grpo.reward_funcs: `module:function` or `file.py:function`) are imported and run as "
+         "ordinary Python with the current directory on sys.path, so they can run arbitrary code: train only with "
+         "configs and reward files you trust.")
+
+
+@app.command(help="Train a model from a run config (YAML).\n\n" + TRUST,
+             epilog=EXAMPLE.replace("\n    ", "\n\n    "))
 def train(
     config: Path = typer.Argument(..., help="run config YAML"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a field: key.sub=value (repeatable)"),
@@ -37,4 +44,6 @@ def train(
         console.info("resolved config:\n" + dump_yaml(cfg))
     from tunesmith.train.recipe import run
 
-    run(cfg, resume=resume or force_resume, force_resume=force_resume)
+    manifest = run(cfg, resume=resume or force_resume, force_resume=force_resume)
+    if manifest.get("signal") == "SIGINT":  # Ctrl-C: the checkpoint is saved, and the shell hears it
+        raise SystemExit(130)

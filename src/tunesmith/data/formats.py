@@ -42,7 +42,7 @@ from typing import Any
 
 from tunesmith.data.messages import (_check_prompt, _check_response, _check_turns, _Ctx, _describe,
                                      _maybe_json, _messages)
-from tunesmith.data.readers import SUFFIXES
+from tunesmith.data.readers import SUFFIXES, unsafe_value
 from tunesmith.data.schema import Message, Record, kind_of
 from tunesmith.errors import DataError, TunesmithError
 
@@ -193,6 +193,9 @@ def _tools(ctx: _Ctx, raw: dict) -> list | None:
         except json.JSONDecodeError as e:
             ctx.err("tools", f"tools is not valid JSON ({e.msg} at column {e.colno}); give a list of "
                     "function schemas", "type")
+            return None
+        except RecursionError:
+            ctx.err("tools", "tools is JSON nested too deeply to read; flatten it", "json")
             return None
     if isinstance(value, dict):
         value = [value]
@@ -463,6 +466,11 @@ def normalise_records(rows: list[tuple[int, Any]], file: str, errors: list[DataE
             meta["meta"] = raw["meta"]
         if meta:
             rec["meta"] = meta
+        # JSON inside a CSV cell or a `tools` string is parsed here, after the reader's check.
+        bad = unsafe_value(rec)
+        if bad is not None:
+            ctx.err(*bad)
+            continue
         out.entries.append((line, rec))
     kinds = Counter(kind_of(r) for _, r in out.entries)
     if kinds:

@@ -22,6 +22,11 @@ Blank (empty or whitespace-only) JSONL lines are skipped and reported once as a
 hand-edited file. Only problems that make the whole file unreadable (missing file,
 a directory, an empty file, an unknown extension) are raised, as ``RecordProblem``.
 There is no line-length limit: a 10 MB record reads like any other.
+
+A record is refused (and reading goes on) when a string in it holds a lone surrogate
+(JSON ``"\\ud800"`` decodes to half a UTF-16 pair, which no UTF-8 file or tokenizer can
+hold) or when it nests more than ``MAX_DEPTH`` levels deep (no record format needs that,
+and Python's JSON functions hit their recursion limit on it).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Any
 from tunesmith.errors import DataError
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+MAX_DEPTH = 100  # nesting levels of one record (a message's content sits at level 3)
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep; no record format needs that, flatten it"
 
 # Field names that hold a record's content, used to tell a single JSON record such as
 # {"messages": [...]} from a file of named record lists such as {"train": [...]}.
@@ -52,7 +59,7 @@ class RecordProblem(DataError):
 
     Codes: file, encoding, json, csv, blank_line, not_object, unknown_schema,
     mixed_schema, missing_field, type, empty, role, role_order, tool_call, label,
-    identical_pair, columns, duplicate.
+    identical_pair, columns, duplicate, special_token (with a tokenizer), template.
     """
 
     def __init__(self, file: str, line: int | None, field: str, reason: str, code: str = "invalid"):
@@ -94,7 +101,66 @@ def read_raw(path: str | Path, errors: list[DataError], warnings: list[DataError
     if path.stat().st_size == 0:
         raise RecordProblem(str(path), None, "", "file is empty; it holds no records", "file")
     reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
-    yield from reader(path, errors, warnings)
+    for line, raw in reader(path, errors, warnings):
+        bad = unsafe_value(raw)
+        if bad is not None:
+            errors.append(RecordProblem(str(path), line, bad[0], bad[1], bad[2]))
+            continue
+        yield line, raw
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _surrogate(text: str, where: str) -> str | None:
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return (f"{where} holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start} (half of a "
+                "UTF-16 pair, not a character); fix the escape or remove it")
+
+
+def unsafe_value(obj: Any) -> tuple[str, str, str] | None:
+    """(field, reason, code) of the first lone surrogate or too-deep nesting in ``obj``, else None.
+
+    Iterative, so that the check itself never meets the recursion limit it guards against."""
+    stack = [(obj, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return path.split(".", 1)[0], _TOO_DEEP, "json"
+        if isinstance(value, str):
+            why = _surrogate(value, "the text")
+            if why:
+                return path, why, "encoding"
+        elif isinstance(value, dict):
+            for key, v in reversed(list(value.items())):
+                why = _surrogate(key, f"the key {key!r}") if isinstance(key, str) else None
+                if why:
+                    return path, why, "encoding"
+                stack.append((v, _join(path, key), depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, _join(path, i), depth + 1) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _deep_line(text: str) -> int | None:
+    """The physical line where ``text`` (JSON) first nests deeper than ``MAX_DEPTH``."""
+    depth, in_str, esc = 0, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH + 1:  # + 1: the top-level list of a .json file holds the records
+                return text.count("\n", 0, i) + 1
+        elif ch in "]}":
+            depth -= 1
+    return None
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -155,6 +221,9 @@ def _read_jsonl(path: Path, errors: list[DataError], warnings: list[DataError]) 
                 errors.append(RecordProblem(file, lineno, "", f"invalid JSON: {e.msg} at column {e.colno}; "
                                             "each line must be one complete JSON object", "json"))
                 continue
+            except RecursionError:
+                errors.append(RecordProblem(file, lineno, "", _TOO_DEEP, "json"))
+                continue
             n += 1
             yield lineno, obj
     if blank:
@@ -182,6 +251,8 @@ def _read_json(path: Path, errors: list[DataError], warnings: list[DataError]) -
             return
         raise RecordProblem(file, e.lineno, "", f"invalid JSON: {e.msg} at column {e.colno} "
                             "(the whole .json file must be one JSON value)", "json") from None
+    except RecursionError:
+        raise RecordProblem(file, _deep_line(text), "", _TOO_DEEP, "json") from None
     records = _json_records(obj, file)
     if not records:
         raise RecordProblem(file, None, "", "file holds no records (an empty list)", "file")

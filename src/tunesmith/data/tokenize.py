@@ -46,6 +46,20 @@ arguments parsed to dicts; for the others they are written into the content as
 after any text), so they train like any assistant text. Tool-role messages go through
 the template as they are (a template that rejects them raises ``TunesmithError``).
 
+Special tokens inside content (``special_tokens_in_content``)
+--------------------------------------------------------------
+A tokenizer reads its special tokens (``<|im_end|>``, ``<|eot_id|>``, ``</s>``…) wherever
+they appear in text, so a response holding ``<|im_end|>\n<|im_start|>user\n…`` would
+train a fake user turn inside the assistant span. ``"error"`` (default) refuses such a
+record with ``SpecialTokenError`` naming the field (``messages.1.content``) and the token.
+``"text"`` keeps them as plain text: while the template renders, each occurrence in the
+record's strings is a same-length run of a private-use character (so every character
+position, and with it the assistant spans above, stays the same); the rendered text then
+gets the tokens back and is encoded piece by piece, the template's own text with
+special-token parsing and the record's occurrences without it. The contract above holds
+unchanged: only the ids inside those pieces differ (ordinary text tokens). Records
+without special tokens tokenize identically under both settings.
+
 Truncation (``max_length``, in tokens)
 --------------------------------------
 SFT and text: cut from the right; ``truncated=True``; ``n_trained`` counts what is
@@ -61,7 +75,10 @@ whose trained response tokens would all be cut is refused the same way.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +90,19 @@ from tunesmith.errors import TunesmithError
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "last", "all")
 ON_OVERFLOW = ("error", "drop")
+SPECIAL_TOKENS_IN_CONTENT = ("error", "text")
+
+
+class SpecialTokenError(TunesmithError):
+    """A record's text holds a special token; ``field`` is its dotted path in the record."""
+
+    def __init__(self, field: str, token: str):
+        self.field, self.token = field, token
+        self.reason = (f"contains the special token `{token}`, which the tokenizer would read as a control token "
+                       "(e.g. a fake turn boundary); remove it, or set `data.special_tokens_in_content: text` to "
+                       "keep it as plain text")
+        super().__init__(f"{field}: {self.reason} (`tunesmith data check FILE --model MODEL` lists every record "
+                         "that has one)")
 
 
 @dataclass
@@ -124,7 +154,7 @@ def _arguments(args: Any) -> Any:
     if isinstance(args, str):
         try:
             return json.loads(args)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return args
     return args
 
@@ -157,6 +187,110 @@ def _prepare(messages: list[Message], tools: list[dict] | None, tokenizer) -> tu
             out.insert(0, {"role": "system", "content": block})
         tools = None
     return out, (tools or None)
+
+
+# -- special tokens inside content ------------------------------------------------------
+
+
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    """The strings this tokenizer reads as special tokens wherever they appear, longest first."""
+    found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    found |= set(getattr(tokenizer, "all_special_tokens", ()))
+    return tuple(sorted((t for t in found if t and not t.isspace()), key=lambda t: (-len(t), t)))
+
+
+@functools.lru_cache(maxsize=32)
+def _pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")  # (?!) never matches
+
+
+def _strings(obj: Any, path: str):
+    """(dotted path, string) of every string value in obj; dict keys are names, not text."""
+    if isinstance(obj, str):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _strings(v, f"{path}.{i}")
+
+
+def find_special_token(record: Record, tokenizer) -> tuple[str, str] | None:
+    """(field, token) of the first special token in the record's text (``meta`` is never rendered)."""
+    find = _pattern(special_tokens(tokenizer))
+    for key, value in record.items():
+        if key == "meta":
+            continue
+        for path, text in _strings(value, key):
+            m = find.search(text)
+            if m:
+                return path, m.group()
+    return None
+
+
+class _AsText:
+    """Keeps the special tokens of a record's strings as plain text (see the module docstring)."""
+
+    BASE = 0xF0000  # Supplementary Private Use Area-A: no tokenizer or template gives it meaning
+
+    def __init__(self, tokenizer):
+        self.tokens = special_tokens(tokenizer)
+        self.char = {t: chr(self.BASE + j) for j, t in enumerate(self.tokens)}
+        self.token = {c: t for t, c in self.char.items()}
+        self.find = _pattern(self.tokens)
+        self.runs = re.compile("[" + "".join(self.token) + "]+")
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def mark(self, obj: Any) -> Any:
+        if isinstance(obj, str):
+            if self.runs.search(obj):
+                raise TunesmithError(f"a record's text holds the private-use character "
+                                     f"U+{ord(self.runs.search(obj).group()[0]):X}, which "
+                                     "`special_tokens_in_content: text` reserves; remove it")
+            return self.find.sub(lambda m: self.char[m.group()] * len(m.group()), obj)
+        if isinstance(obj, dict):
+            return {k: self.mark(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.mark(v) for v in obj]
+        return obj
+
+    def restore(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        """(text with the tokens back, [(start, end)] of the pieces that stay plain text)."""
+        out, ranges, pos = [], [], 0
+        for m in self.runs.finditer(text):
+            out.append(text[pos:m.start()])
+            for c, group in itertools.groupby(m.group()):
+                n, tok = len(list(group)), self.token[c]
+                if n % len(tok):
+                    raise TunesmithError(f"the chat template cut the special token `{tok}` written in a record's "
+                                         "text, so it cannot be kept as plain text; remove it from the data")
+                out.append(tok * (n // len(tok)))
+            ranges.append((m.start(), m.end()))
+            pos = m.end()
+        out.append(text[pos:])
+        return "".join(out), ranges
+
+    def encode(self, tokenizer, piece: str, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        """One piece of the text without special-token parsing, as the tokens it holds."""
+        ids, offsets = _encode_piece(tokenizer, piece, first, as_text=True)
+        if self.special_ids & set(ids):
+            raise TunesmithError(f"this tokenizer makes a special token from the plain text {piece!r}, so it "
+                                 "cannot be kept as text; remove it from the data")
+        return ids, offsets
+
+
+def _as_text(record: Record, tokenizer, special_tokens_in_content: str) -> _AsText | None:
+    """None when the record holds no special token; refused under "error"; else the keeper."""
+    if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
+        raise TunesmithError(f"special_tokens_in_content must be one of {SPECIAL_TOKENS_IN_CONTENT}, not "
+                             f"{special_tokens_in_content!r}")
+    hit = find_special_token(record, tokenizer)
+    if hit is None:
+        return None
+    if special_tokens_in_content == "error":
+        raise SpecialTokenError(*hit)
+    return _AsText(tokenizer)
 
 
 def _render(tokenizer, messages: list[Message], tools, generation_prompt: bool) -> str:
@@ -199,9 +333,41 @@ def _spans(tokenizer, messages: list[Message], tools, first: int = 0, last_only:
     return full, spans
 
 
-def _encode(tokenizer, text: str, shift: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [(s + shift, e + shift) for s, e in enc["offset_mapping"]]
+def _encode_piece(tokenizer, piece: str, first: bool, as_text: bool = False):
+    split = {"split_special_tokens": True} if as_text else {}
+
+    def enc(text):
+        e = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, **split)
+        return list(e["input_ids"]), list(e["offset_mapping"])
+
+    if first:
+        return enc(piece)
+    # A piece cut from the middle is encoded after a newline that is then dropped, so that a
+    # SentencePiece tokenizer adds no word-start marker at the cut (transformers' encode_marked_chat).
+    nl, _ = enc("\n")
+    ids, offsets = enc("\n" + piece)
+    if ids[:len(nl)] == nl and all(s >= 1 for s, _ in offsets[len(nl):]):
+        return ids[len(nl):], [(s - 1, e - 1) for s, e in offsets[len(nl):]]
+    return enc(piece)
+
+
+def _encode(tokenizer, text: str, shift: int = 0, keep: _AsText | None = None
+            ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets (+ shift); with ``keep``, ``text`` is marked (see _AsText)."""
+    if keep is None:
+        ids, offsets = _encode_piece(tokenizer, text, first=True)
+        return ids, [(s + shift, e + shift) for s, e in offsets]
+    text, ranges = keep.restore(text)
+    bounds = sorted({0, len(text), *(x for r in ranges for x in r)})
+    plain = set(ranges)
+    ids, offsets = [], []
+    for a, b in zip(bounds, bounds[1:]):
+        piece = text[a:b]
+        p_ids, p_offs = keep.encode(tokenizer, piece, a == 0) if (a, b) in plain else \
+            _encode_piece(tokenizer, piece, a == 0)
+        ids += p_ids
+        offsets += [(s + a + shift, e + a + shift) for s, e in p_offs]
+    return ids, offsets
 
 
 def _labels(ids: list[int], offsets, spans) -> list[int]:
@@ -250,26 +416,33 @@ def tokenize_messages(
     max_length: int | None = None,
     train_on: str = "assistant",
     on_overflow: str = "error",
+    special_tokens_in_content: str = "error",
 ) -> TokenizedExample | None:
     """One conversation → ids and labels (see the module docstring for the contract)."""
     _check_options(train_on, on_overflow)
+    keep = _as_text({"messages": messages, "tools": tools}, tokenizer, special_tokens_in_content)
     msgs, tools = _prepare(messages, tools, tokenizer)
+    if keep is not None:
+        msgs, tools = keep.mark(msgs), keep.mark(tools)
     if train_on == "all":
         full = _render(tokenizer, msgs, tools, False)
-        ids, _ = _encode(tokenizer, full)
+        ids, _ = _encode(tokenizer, full, keep=keep)
         labels = list(ids)
     else:
         full, spans = _spans(tokenizer, msgs, tools, last_only=train_on == "last")
         if not spans:
             raise TunesmithError("a conversation has no assistant message to train on")
-        ids, offsets = _encode(tokenizer, full)
+        ids, offsets = _encode(tokenizer, full, keep=keep)
         labels = _labels(ids, offsets, spans)
     return _right_truncate(ids, labels, max_length, on_overflow)
 
 
-def tokenize_text(text: str, tokenizer, *, max_length=None, on_overflow="error") -> TokenizedExample | None:
+def tokenize_text(text: str, tokenizer, *, max_length=None, on_overflow="error",
+                  special_tokens_in_content: str = "error") -> TokenizedExample | None:
     """Language modelling: the tokenizer's own special tokens (BOS if it adds one) + EOS."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    as_text = _as_text({"text": text}, tokenizer, special_tokens_in_content) is not None
+    split = {"split_special_tokens": True} if as_text else {}
+    ids = list(tokenizer(text, add_special_tokens=True, **split)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
     return _right_truncate(ids, list(ids), max_length, on_overflow)
@@ -278,10 +451,11 @@ def tokenize_text(text: str, tokenizer, *, max_length=None, on_overflow="error")
 # -- prompt + responses: truncate the prompt from the left first -----------------------
 
 
-def _prompt_ids(tokenizer, prompt: list[Message], tools) -> tuple[str, list[int], int]:
+def _prompt_ids(tokenizer, prompt: list[Message], tools, keep: _AsText | None = None
+                ) -> tuple[str, list[int], int]:
     """(prompt text with generation prompt, its ids, tokens to keep at least when cut)."""
     text = _render(tokenizer, prompt, tools, True)
-    ids, offsets = _encode(tokenizer, text)
+    ids, offsets = _encode(tokenizer, text, keep=keep)
     bare = _render(tokenizer, prompt, tools, False)
     # Mistral's generation prompt is implicit (bare == text): keep at least 1 token then.
     n_gen = sum(s >= len(bare) for s, _ in offsets) if text.startswith(bare) else 0
@@ -298,17 +472,22 @@ def _left_truncate(ids: list[int], keep: int, bos_id) -> list[int]:
     return ids[len(ids) - keep:] if keep > 0 else []
 
 
-def _prompt_responses(prompt, responses, tokenizer, tools, max_length, on_overflow):
+def _prepared(messages, tools, tokenizer, keep: _AsText | None):
+    msgs, tools = _prepare(messages, tools, tokenizer)
+    return (msgs, tools) if keep is None else (keep.mark(msgs), keep.mark(tools))
+
+
+def _prompt_responses(prompt, responses, tokenizer, tools, max_length, on_overflow, keep=None):
     """Shared prompt ids + one TokenizedExample per response (None when refused)."""
-    msgs_p, tools_p = _prepare(prompt, tools, tokenizer)
-    text, p_ids, keep_min = _prompt_ids(tokenizer, msgs_p, tools_p)
+    msgs_p, tools_p = _prepared(prompt, tools, tokenizer, keep)
+    text, p_ids, keep_min = _prompt_ids(tokenizer, msgs_p, tools_p, keep)
     parts = []
     for resp in responses:
-        msgs, tools_r = _prepare(list(prompt) + list(resp), tools, tokenizer)
+        msgs, tools_r = _prepared(list(prompt) + list(resp), tools, tokenizer, keep)
         first = len(msgs) - len(resp)  # _prepare may insert a system message at the front
         full, spans = _spans(tokenizer, msgs, tools_r, first=first)
         _check_prefix(full, text, "the render of the prompt with the generation prompt")
-        ids, offsets = _encode(tokenizer, full[len(text):], shift=len(text))
+        ids, offsets = _encode(tokenizer, full[len(text):], shift=len(text), keep=keep)
         labels = _labels(ids, offsets, spans)
         if not _n_trained(labels):
             raise TunesmithError("a response has no assistant message to train on")
@@ -329,13 +508,15 @@ def _prompt_responses(prompt, responses, tokenizer, tools, max_length, on_overfl
 
 
 def tokenize_preference(
-    record: Record, tokenizer, *, max_length: int | None = None, on_overflow: str = "error"
+    record: Record, tokenizer, *, max_length: int | None = None, on_overflow: str = "error",
+    special_tokens_in_content: str = "error",
 ) -> PreferenceExample | None:
     """A preference record → chosen and rejected sharing the same prompt tokens."""
     _check_options("assistant", on_overflow)
+    keep = _as_text(record, tokenizer, special_tokens_in_content)
     kept, exs = _prompt_responses(
         record["prompt"], [record["chosen"], record["rejected"]], tokenizer, record.get("tools"),
-        max_length, on_overflow,
+        max_length, on_overflow, keep,
     )
     if exs is None:
         return None
@@ -343,13 +524,15 @@ def tokenize_preference(
 
 
 def tokenize_unpaired(
-    record: Record, tokenizer, *, max_length: int | None = None, on_overflow: str = "error"
+    record: Record, tokenizer, *, max_length: int | None = None, on_overflow: str = "error",
+    special_tokens_in_content: str = "error",
 ) -> UnpairedExample | None:
     """An "unpaired" record (prompt, completion, label) → its example and prompt length,
     for KTO (which pairs prompts with other records' completions for its KL estimate)."""
     _check_options("assistant", on_overflow)
+    keep = _as_text(record, tokenizer, special_tokens_in_content)
     kept, exs = _prompt_responses(record["prompt"], [record["completion"]], tokenizer, record.get("tools"),
-                                  max_length, on_overflow)
+                                  max_length, on_overflow, keep)
     if exs is None:
         return None
     return UnpairedExample(completion=exs[0], prompt_len=len(kept), desirable=bool(record["label"]))
@@ -368,6 +551,7 @@ def tokenize_record(
     max_length: int | None = None,
     train_on: str = "assistant",
     on_overflow: str = "error",
+    special_tokens_in_content: str = "error",
 ) -> TokenizedExample | None:
     """Any non-preference canonical record → one TokenizedExample (None when dropped).
 
@@ -378,19 +562,21 @@ def tokenize_record(
     _check_options(train_on, on_overflow)
     kind = kind_of(record)
     tools = record.get("tools")
+    special = dict(special_tokens_in_content=special_tokens_in_content)
     if kind == "text":
-        return tokenize_text(record["text"], tokenizer, max_length=max_length, on_overflow=on_overflow)
+        return tokenize_text(record["text"], tokenizer, max_length=max_length, on_overflow=on_overflow, **special)
     if kind == "sft":
         return tokenize_messages(
             record["messages"], tokenizer, tools=tools, max_length=max_length, train_on=train_on,
-            on_overflow=on_overflow,
+            on_overflow=on_overflow, **special,
         )
     if kind == "unpaired":
-        ex = tokenize_unpaired(record, tokenizer, max_length=max_length, on_overflow=on_overflow)
+        ex = tokenize_unpaired(record, tokenizer, max_length=max_length, on_overflow=on_overflow, **special)
         return ex.completion if ex else None
     if kind == "prompt":
-        msgs, tools = _prepare(record["prompt"], tools, tokenizer)
-        _, ids, _ = _prompt_ids(tokenizer, msgs, tools)
+        keep = _as_text(record, tokenizer, special_tokens_in_content)
+        msgs, tools = _prepared(record["prompt"], tools, tokenizer, keep)
+        _, ids, _ = _prompt_ids(tokenizer, msgs, tools, keep)
         # max_length is a hard limit for generation, so it wins over keep_min here.
         kept = _left_truncate(ids, max_length, tokenizer.bos_token_id) if max_length else ids
         return TokenizedExample(kept, [IGNORE_INDEX] * len(kept), len(ids), 0, 0, len(kept) < len(ids))

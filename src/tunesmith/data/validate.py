@@ -11,6 +11,9 @@ warnings do not: skipped blank lines and duplicate records (same canonical recor
 ``meta`` ignored) — the LLaMA-Factory demo sets hold a few duplicates and train fine.
 Token statistics (only with a tokenizer) are computed untruncated and the cost of
 ``max_length`` is counted from the labels: trained tokens at positions >= max_length.
+With a tokenizer, a special token inside a record's text (``<|im_end|>`` in a response)
+is an error at ``file:line:field`` unless ``special_tokens_in_content="text"``
+(data/tokenize.py); ``load_records(..., tokenizer=tok)`` runs that check alone.
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def _dedupe_key(rec: Record) -> str:
 
 
 def check_file(path: str | Path, *, format: str | None = None, columns: dict[str, str] | None = None,
-               tokenizer=None, max_length: int | None = None) -> FileReport:
+               tokenizer=None, max_length: int | None = None, special_tokens_in_content: str = "error"
+               ) -> FileReport:
     """Read, normalise and validate one file; every problem lands in the report."""
     rep = FileReport(str(path))
     try:
@@ -134,7 +138,7 @@ def check_file(path: str | Path, *, format: str | None = None, columns: dict[str
             rep.warnings.append(RecordProblem(rep.file, line, "", f"duplicate of the record at {unit} {first}",
                                               "duplicate"))
     if tokenizer is not None:
-        rep.tokens = token_stats(rep, tokenizer, max_length)
+        rep.tokens = token_stats(rep, tokenizer, max_length, special_tokens_in_content)
     rep.errors.sort(key=lambda e: (e.line is not None, e.line or 0))
     return rep
 
@@ -144,28 +148,34 @@ def check_files(paths: Iterable[str | Path], **kw: Any) -> Report:
     return Report([check_file(p, **kw) for p in paths])
 
 
-def _tokenize(rec: Record, tokenizer, max_length: int | None) -> list | None:
+def _tokenize(rec: Record, tokenizer, max_length: int | None, special: str = "error") -> list | None:
     """The record's sequences as training tokenizes them (None: all trained tokens cut)."""
     from tunesmith.data.tokenize import tokenize_preference, tokenize_record
 
     if kind_of(rec) == "preference":
-        pe = tokenize_preference(rec, tokenizer, max_length=max_length, on_overflow="drop")
+        pe = tokenize_preference(rec, tokenizer, max_length=max_length, on_overflow="drop",
+                                 special_tokens_in_content=special)
         return None if pe is None else [pe.chosen, pe.rejected]
-    ex = tokenize_record(rec, tokenizer, max_length=max_length, on_overflow="drop")
+    ex = tokenize_record(rec, tokenizer, max_length=max_length, on_overflow="drop", special_tokens_in_content=special)
     return None if ex is None else [ex]
 
 
-def token_stats(rep: FileReport, tokenizer, max_length: int | None) -> TokenStats:
+def token_stats(rep: FileReport, tokenizer, max_length: int | None, special: str = "error") -> TokenStats:
     """Token-length distribution and the cost of ``max_length``; template problems become errors.
 
     The cost is measured by tokenizing as training does: SFT loses tokens from the right,
     preference and unpaired records lose prompt tokens from the left first."""
+    from tunesmith.data.tokenize import SpecialTokenError
+
     st = TokenStats(max_length)
     lengths = []
     for line, rec in rep.entries:
         try:  # untruncated first, so the report sees the full lengths
-            exs = _tokenize(rec, tokenizer, None)
-            cut = _tokenize(rec, tokenizer, max_length) if max_length is not None else exs
+            exs = _tokenize(rec, tokenizer, None, special)
+            cut = _tokenize(rec, tokenizer, max_length, special) if max_length is not None else exs
+        except SpecialTokenError as e:
+            rep.errors.append(RecordProblem(rep.file, line, e.field, e.reason, "special_token"))
+            continue
         except TunesmithError as e:
             rep.errors.append(RecordProblem(rep.file, line, "", str(e), "template"))
             continue
@@ -211,17 +221,34 @@ def summarise(errors: list[DataError], paths: list[str]) -> DataError:
     return RecordProblem(first.file, first.line, first.field, reason, getattr(first, "code", "invalid"))
 
 
+def _special_token_errors(rep: FileReport, tokenizer) -> None:
+    from tunesmith.data.tokenize import SpecialTokenError, find_special_token
+
+    for line, rec in rep.entries:
+        hit = find_special_token(rec, tokenizer)
+        if hit is not None:
+            e = SpecialTokenError(*hit)
+            rep.errors.append(RecordProblem(rep.file, line, e.field, e.reason, "special_token"))
+    rep.errors.sort(key=lambda e: (e.line is not None, e.line or 0))
+
+
 def load_records(path_or_paths: str | Path | Iterable[str | Path], *, format: str | None = None,
                  columns: dict[str, str] | None = None, expect: set[str] | None = None,
-                 purpose: str | None = None) -> list[Record]:
+                 purpose: str | None = None, tokenizer=None, special_tokens_in_content: str = "error"
+                 ) -> list[Record]:
     """Canonical records from one or more files, or ONE ``DataError`` summarising every problem.
 
     ``expect`` is the set of acceptable kinds; ``purpose`` names who needs them
     ("method sft") in the error: "data/prefs.jsonl holds preference records; method sft
-    needs sft or text records".
+    needs sft or text records". With ``tokenizer`` (and ``special_tokens_in_content``
+    "error"), a special token inside a record's text is one of those problems, located
+    at ``file:line:field`` (tokenization would refuse it later without the line).
     """
     paths = _paths(path_or_paths)
     report = check_files(paths, format=format, columns=columns)
+    if tokenizer is not None and special_tokens_in_content == "error":
+        for f in report.files:
+            _special_token_errors(f, tokenizer)
     if not report.ok:
         raise summarise(report.errors, paths)
     records: list[Record] = []

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
+
+from tunesmith.files import read_jsonl
 
 CHOSEN_REJECTED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "margin")
 ACCURACY = ("rewards/accuracies", "accuracy")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """metrics.jsonl's rows; a torn last line (a kill during a write) is left out."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

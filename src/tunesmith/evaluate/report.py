@@ -32,6 +32,7 @@ from typing import Any
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.compare import item_diffs, metric_rows
 from tunesmith.evaluate.plots import read_metrics, run_plots
+from tunesmith.files import write_text_atomic
 
 TEMPLATES = Path(__file__).parent / "templates"
 _TIME_KEYS = ("start_time", "end_time")
@@ -228,11 +229,12 @@ def build_report(runs: list[Path], comparison: dict | None, out_html: Path, out_
         raise TunesmithError("nothing to report: give run folders, or a comparison (--comparison eval.json)")
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    out_html.write_text(render_html(folders, comparison, extra_sections, title))
+    # Replaced in one rename: a crash or Ctrl-C mid-write leaves the previous report whole.
+    write_text_atomic(out_html, render_html(folders, comparison, extra_sections, title))
     md = markdown_summary(folders, comparison, title)
     if out_md is not None:
         Path(out_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_md).write_text(md)
+        write_text_atomic(out_md, md)
     return md
 
 

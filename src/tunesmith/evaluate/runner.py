@@ -439,25 +439,38 @@ def default_output(specs: list) -> Path:
 
 
 def write_results(result: dict, out: Path) -> Path:
-    """eval.json (everything) and generations.jsonl (one line per model x prompt) in ``out``."""
+    """eval.json (everything) and generations.jsonl (one line per model x prompt) in ``out``,
+    each replaced in one rename: an interrupted write leaves the previous file whole."""
+    from tunesmith.files import write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    with open(out / "generations.jsonl", "w") as f:
-        for suite, by_model in result["outputs"].items():
-            for label, responses in by_model.items():
-                items = result["results"][suite][label]["items"]
-                for rec, text, item in zip(result["prompts"][suite], responses, items):
-                    f.write(json.dumps({"model": label, "suite": suite, "id": rec["id"], "prompt": rec["prompt"],
-                                        "completion": text, "passed": item.get("passed")}, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "eval.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    lines = []
+    for suite, by_model in result["outputs"].items():
+        for label, responses in by_model.items():
+            items = result["results"][suite][label]["items"]
+            for rec, text, item in zip(result["prompts"][suite], responses, items):
+                lines.append(json.dumps({"model": label, "suite": suite, "id": rec["id"], "prompt": rec["prompt"],
+                                         "completion": text, "passed": item.get("passed")}, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "generations.jsonl", "".join(lines))
     return out
 
 
 def write_summary(result: dict, label: str, run_dir: Path) -> Path:
-    """RUN/eval/summary.json, merged with what an earlier ``tunesmith eval`` of other suites wrote."""
+    """RUN/eval/summary.json, merged with what an earlier ``tunesmith eval`` of other suites
+    wrote, replaced in one rename (the earlier suites' numbers are never half-lost)."""
+    from tunesmith.files import write_text_atomic
+
     path = run_dir / "eval" / "summary.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        raise TunesmithError(f"{path} is not a JSON object of suite results; delete it (`tunesmith eval` writes it "
+                             f"again, with this run's suites only)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**old, **summary(result, label)}, indent=1) + "\n")
+    write_text_atomic(path, json.dumps({**old, **summary(result, label)}, indent=1) + "\n")
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunesmith.files import read_jsonl
 from tunesmith.models.runs import Run
 
 # Config keys that describe the training itself (bookkeeping keys such as save_steps,
@@ -45,11 +46,7 @@ def hyperparameters(config: dict) -> list[tuple[str, str]]:
 
 
 def _eval_losses(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
+    return [(r["step"], r["eval_loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("eval_loss") is not None]
 
 
 def results(run: Run) -> str:
@@ -69,16 +66,17 @@ def results(run: Run) -> str:
     return _table(("suite", "metric", "value"), rows) if rows else "No evaluation was recorded for this run."
 
 
-def _how_to_load(fmt: str, folder: str, base: str) -> str:
+def _how_to_load(fmt: str, folder: str, base: str, remote: bool = False) -> str:
+    trust = ", trust_remote_code=True" if remote else ""  # the model class is code in the model folder
     if fmt == "adapter":
         code = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")\n"
-                f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")  # the base named in tunesmith.json\n"
+                f"base = AutoModelForCausalLM.from_pretrained(\"{base}\"{trust})  # the base named in tunesmith.json\n"
                 f"model = PeftModel.from_pretrained(base, \"{folder}\")")
     else:
         code = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")\n"
-                f"model = AutoModelForCausalLM.from_pretrained(\"{folder}\")")
+                f"model = AutoModelForCausalLM.from_pretrained(\"{folder}\"{trust})")
     code += ("\n\nmessages = [{\"role\": \"user\", \"content\": \"Hello!\"}]\n"
              "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
              "                                    return_dict=True)[\"input_ids\"]\n"
@@ -126,7 +124,7 @@ def model_card(run: Run, fmt: str, manifest: dict, folder: str) -> str:
     parts.append(f"Chat template: `{manifest.get('chat_template_source')}` (saved with the tokenizer).")
     parts.append("## Hyper-parameters\n\n" + _table(("setting", "value"), hyperparameters(run.config)))
     parts.append("## Results\n\n" + results(run))
-    how = _how_to_load(fmt, folder, manifest.get("adapter_base_path", ""))
+    how = _how_to_load(fmt, folder, manifest.get("adapter_base_path", ""), bool(manifest.get("trust_remote_code")))
     if manifest.get("task") == "score":  # a reward model: a one-scalar classification head
         how = (how.replace("AutoModelForCausalLM", "AutoModelForSequenceClassification")
                .replace('.from_pretrained(\"' + folder + '\")', '.from_pretrained(\"' + folder + '\", num_labels=1)')

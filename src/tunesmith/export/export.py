@@ -12,6 +12,7 @@ export never appears under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from tunesmith import console
 from tunesmith.errors import TunesmithError
 from tunesmith.files import atomic_dir, file_table, weights_hash
-from tunesmith.infer.load import load_run_model, run_tokenizer
+from tunesmith.infer.load import load_run_model, remote_code, run_tokenizer
 from tunesmith.models.runs import EXPORT_MANIFEST, Run, adapter_chain, base_folder, read_run, run_task
 from tunesmith.models.templates import stop_token_ids
 
@@ -49,14 +50,45 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _check_output(out: Path, run: Run, overwrite: bool) -> None:
+    """Refuse an output folder whose replacement would destroy something: the run's own files,
+    the current directory, a home directory or a folder above either; with --overwrite,
+    anything but an earlier tunesmith export (a model, a run, any other folder)."""
     o, rd = out.resolve(), run.dir.resolve()
     if rd == o or o in rd.parents or o == run.final.resolve() or run.final.resolve() in o.parents:
         raise TunesmithError(f"output folder {out} would replace or sit inside the run's own files; "
                              f"choose a folder outside {run.final}, e.g. {run.dir / 'export'}")
+    cwd = Path.cwd().resolve()
+    if o == cwd or o in cwd.parents:
+        raise TunesmithError(f"output folder {out} is the current directory or a folder above it, which the export "
+                             f"would replace; name a new folder for it, e.g. -o {Path(out) / 'export'}")
+    if o in _home_folders():
+        raise TunesmithError(f"output folder {out} is a home directory, which the export would replace; name a new "
+                             f"folder inside it, e.g. -o {Path(out) / 'export'}")
     if out.exists() and not out.is_dir():
         raise TunesmithError(f"output {out} is a file; choose a folder name with -o")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise TunesmithError(f"output folder {out} exists and is not empty; choose another -o or pass --overwrite")
+    if (out / "run.json").is_file():
+        raise TunesmithError(f"output folder {out} is a training run (it holds run.json) and --overwrite only replaces "
+                             f"an earlier tunesmith export; choose another -o")
+    if not (out / EXPORT_MANIFEST).is_file():
+        what = ("holds a model that is not a tunesmith export (config.json or adapter_config.json, no "
+                f"{EXPORT_MANIFEST})" if (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+                else f"is not an earlier tunesmith export (no {EXPORT_MANIFEST})")
+        raise TunesmithError(f"output folder {out} {what}, and --overwrite only replaces an earlier export; choose "
+                             f"another -o, or empty the folder yourself")
+
+
+def _home_folders() -> set[Path]:
+    """This user's home and the usual homes of others (no passwd enumeration: it can be a network lookup)."""
+    homes = {Path.home().resolve(), Path("/root")}
+    top = Path("/home")
+    if top.is_dir():
+        with contextlib.suppress(OSError):
+            homes |= {p.resolve() for p in top.iterdir() if p.is_dir()}
+    return homes
 
 
 def _check_format(run: Run, fmt: str) -> None:
@@ -174,6 +206,8 @@ def _manifest(run: Run, fmt: str, base: Path, base_hash: str, adapter_base_path:
         "base_model_weights_sha256": base_hash, "init_from": run.manifest.get("init_from"),
         "chat_template_source": run.manifest.get("chat_template_source"), "scoring": run.scoring,
         "dequantized_base": bool(fmt == "merged" and (run.config.get("lora") or {}).get("qlora")),
+        # the model class is code in the model folder: loading the export needs trust_remote_code too
+        "trust_remote_code": remote_code(run),
         "versions": library_versions(),
         "reference": {"file": REFERENCE_FILE, "messages": REFERENCE_PROMPT, "dtype": "float32", "atol": ATOL,
                       "logits": "this folder's model, in the exporting process"},
@@ -197,10 +231,11 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
                verify: bool = True, max_shard_size: str = "2GB") -> Path:
     """Export run ``run_dir`` in ``fmt`` to ``out`` (default RUN/export/FMT); returns ``out``.
 
-    Refuses a run without final weights, a non-empty ``out`` (unless ``overwrite``), a
-    base model that cannot be found or has changed, and an adapter that would not be the
-    trained model on the plain base. With ``verify`` the folder is reloaded in a fresh
-    process before it is moved into place; a failure leaves nothing behind.
+    Refuses a run without final weights, a non-empty ``out`` (unless ``overwrite``, which
+    replaces an earlier export only; see ``_check_output``), a base model that cannot be
+    found or has changed, and an adapter that would not be the trained model on the plain
+    base. With ``verify`` the folder is reloaded in a fresh process before it is moved into
+    place; a failure leaves nothing behind.
     """
     started = time.time()
     run = read_run(run_dir)

@@ -4,10 +4,12 @@
 
 Run by ``tunesmith verify`` as a script in a fresh interpreter: it imports nothing from
 tunesmith (the last check proves it), so it tests what a user without tunesmith gets.
-Checks: every file against tunesmith.json's sha256; tokenizer chat template, EOS and pad;
-generation_config.json's EOS/pad; the fixed prompt renders to the recorded ids; the
-adapter's base is the recorded one; the model loads; its logits match the recorded ones,
-and for a merged adapter also the unmerged adapter's logits recorded at export.
+Checks: every file against tunesmith.json's sha256 (a mismatch stops here: nothing is
+loaded); tokenizer chat template, EOS and pad; generation_config.json's EOS/pad; the fixed
+prompt renders to the recorded ids; the adapter's base is the recorded one; the model loads
+(with trust_remote_code when tunesmith.json says the run trained with it); its logits match
+the recorded ones, and for a merged adapter also the unmerged adapter's logits recorded at
+export.
 """
 
 import argparse
@@ -70,10 +72,10 @@ def check_files(folder: Path, manifest: dict):
     return not bad and not extra, detail, True
 
 
-def check_tokenizer(folder: Path, generates: bool = True):
+def check_tokenizer(folder: Path, generates: bool = True, remote: bool = False):
     from transformers import AutoTokenizer, GenerationConfig
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
     problems = [what for what, bad in (("no chat template", not tok.chat_template),
                                        ("no EOS token", tok.eos_token_id is None),
                                        ("no pad token", tok.pad_token_id is None)) if bad]
@@ -110,6 +112,8 @@ def load_model(folder: Path, manifest: dict, base_path: Path | None, tok):
 
     score = manifest.get("task") == "score"  # a reward model: one scalar head
     cls, kw = (AutoModelForSequenceClassification, {"num_labels": 1}) if score else (AutoModelForCausalLM, {})
+    # A run trained with trust_remote_code: its model class is code shipped in the folder.
+    kw["trust_remote_code"] = bool(manifest.get("trust_remote_code"))
     if manifest["format"] == "merged":
         model = cls.from_pretrained(folder, dtype=torch.float32, **kw)
         what = f"transformers {cls.__name__}"
@@ -143,6 +147,30 @@ def forward(model, ref: dict):
         return model(input_ids=ref["input_ids"]).logits.float()
 
 
+def check_model(checks: Checks, folder: Path, manifest: dict, base_arg: str | None) -> None:
+    """Everything after the file check: reference, tokenizer, prompt, base, load, logits."""
+    from safetensors.torch import load_file
+
+    ref = checks.run("reference", lambda: (True, manifest["reference"]["file"],
+                                           load_file(str(folder / manifest["reference"]["file"]))))
+    tok = checks.run("tokenizer", lambda: check_tokenizer(folder, manifest.get("task") != "score",
+                                                          bool(manifest.get("trust_remote_code"))))
+    if tok is not None and ref is not None:
+        checks.run("prompt", lambda: check_prompt(tok, manifest, ref))
+    base = None
+    if manifest["format"] == "adapter":
+        base = checks.run("base", lambda: check_base(manifest, base_arg))
+    loadable = tok is not None and (manifest["format"] == "merged" or base is not None)
+    model = checks.run("load", lambda: load_model(folder, manifest, base, tok)) if loadable else None
+    if model is not None and ref is not None:
+        r = manifest["reference"]
+        logits = forward(model, ref)
+        checks.run("logits", lambda: check_logits(logits, ref["logits"], r["atol"]))
+        if "adapter_logits" in ref:  # a merged export: the merge must not change the model
+            checks.run("merge", lambda: check_logits(logits, ref["adapter_logits"], r["merge_atol"],
+                                                     r["merge_rtol"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")
@@ -152,27 +180,10 @@ def main() -> None:
     checks = Checks()
     manifest = checks.run("manifest", lambda: (True, "tunesmith.json read",
                                                json.loads((folder / "tunesmith.json").read_text())))
-    if manifest is not None:
-        from safetensors.torch import load_file
-
-        checks.run("files", lambda: check_files(folder, manifest))
-        ref = checks.run("reference", lambda: (True, manifest["reference"]["file"],
-                                               load_file(str(folder / manifest["reference"]["file"]))))
-        tok = checks.run("tokenizer", lambda: check_tokenizer(folder, manifest.get("task") != "score"))
-        if tok is not None and ref is not None:
-            checks.run("prompt", lambda: check_prompt(tok, manifest, ref))
-        base = None
-        if manifest["format"] == "adapter":
-            base = checks.run("base", lambda: check_base(manifest, args.base))
-        loadable = tok is not None and (manifest["format"] == "merged" or base is not None)
-        model = checks.run("load", lambda: load_model(folder, manifest, base, tok)) if loadable else None
-        if model is not None and ref is not None:
-            r = manifest["reference"]
-            logits = forward(model, ref)
-            checks.run("logits", lambda: check_logits(logits, ref["logits"], r["atol"]))
-            if "adapter_logits" in ref:  # a merged export: the merge must not change the model
-                checks.run("merge", lambda: check_logits(logits, ref["adapter_logits"], r["merge_atol"],
-                                                         r["merge_rtol"]))
+    # Files that differ from the manifest are not what was exported: loading them would run
+    # (or, with trust_remote_code, execute) unverified bytes, and any later result means nothing.
+    if manifest is not None and checks.run("files", lambda: check_files(folder, manifest)):
+        check_model(checks, folder, manifest, args.base)
     leaked = sorted(m for m in sys.modules if m == "tunesmith" or m.startswith("tunesmith."))
     checks.add("isolation", not leaked,
                f"tunesmith modules imported: {leaked}" if leaked else "no tunesmith code loaded")

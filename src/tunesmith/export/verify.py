@@ -59,4 +59,8 @@ def report(result: VerifyResult) -> None:
     for c in result.checks:
         mark = "ok  " if c["ok"] else "FAIL"
         (console.info if c["ok"] else console.warn)(f"verify {mark} {c['name']}: {c['detail']}")
+    names = {c["name"]: c["ok"] for c in result.checks}
+    if names.get("files") is False:
+        console.warn("verify stopped after the file check: the folder is not what was exported, so nothing was "
+                     "loaded; export the run again")
     console.info(f"verify: {'passed' if result.ok else 'FAILED'} in {result.seconds:.1f} s (fresh process)")

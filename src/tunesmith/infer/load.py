@@ -14,6 +14,9 @@ A ``spec`` is one of four kinds (``resolve``):
 - a PEFT adapter folder: on the base named in its adapter_config.json;
 - a base model name or folder (``models.resolve_model``), optionally with an adapter.
 
+A run trained with ``trust_remote_code: true`` (its config.yaml) is loaded with it — its
+weights, its rebuilt base, its reward model — and an export records it in tunesmith.json.
+
 ``resolve`` reads manifests and tokenizers but no weights, so a wrong spec fails before
 anything heavy loads; what it returns says which weights the model runs on (``key``), so
 that ``infer.pool`` can keep one copy of a base shared by several adapters. The tokenizer
@@ -54,6 +57,12 @@ def _grow_vocab(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
+def remote_code(run: Run) -> bool:
+    """Whether the run trained with ``trust_remote_code: true`` (its config.yaml): its model
+    class is code in the model folder, so every later load needs the same permission."""
+    return bool(run.config.get("trust_remote_code"))
+
+
 def load_run_model(run: Run, tokenizer, dtype=torch.float32):
     """A run's final model as it was trained: ``trained_base`` + its adapter as a
     ``PeftModel`` (a reward run's too: export writes the adapter and reference logits of
@@ -61,8 +70,8 @@ def load_run_model(run: Run, tokenizer, dtype=torch.float32):
     from peft import PeftModel
 
     if not run.is_adapter:
-        return load_model(str(run.final), dtype=dtype, task=run_task(run)).eval()
-    model = trained_base(run, dtype)
+        return load_model(str(run.final), dtype=dtype, task=run_task(run), trust_remote_code=remote_code(run)).eval()
+    model = trained_base(run, dtype)  # with the run's trust_remote_code
     _grow_vocab(model, tokenizer)
     return PeftModel.from_pretrained(model, run.final).eval()
 
@@ -117,13 +126,14 @@ def _folder_key(path: str | Path) -> str:
     return str(Path(path).resolve())
 
 
-def load_weights(path: str | Path, dtype=torch.float32):
-    """A plain model folder in eval mode."""
-    return load_model(str(path), dtype=dtype).eval()
+def load_weights(path: str | Path, dtype=torch.float32, trust_remote_code: bool = False):
+    """A plain model folder in eval mode (``trust_remote_code``: its model class is code in the folder)."""
+    return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code).eval()
 
 
-def _load_scorer(path: Path, dtype=torch.float32):
-    return load_scorer(path)[0]  # merged onto its base, fp32: scores are compared across models
+def _load_scorer(path: Path, dtype=torch.float32, trust_remote_code: bool = False):
+    # merged onto its base, fp32: scores are compared across models
+    return load_scorer(path, trust_remote_code=trust_remote_code)[0]
 
 
 def trained_key(run: Run) -> tuple[str, ...]:
@@ -139,12 +149,12 @@ def _from_run(run: Run) -> dict:
     method = run.method
     common = dict(kind="run", tokenizer=run_tokenizer(run.final), run=run, method=method, scoring=run.scoring,
                   chat_template_source=run.manifest.get("chat_template_source"))
+    if not run.is_adapter and method != "reward":
+        return dict(common, describe=f"run {run.dir}: full weights of {method}", key=(_folder_key(run.final),),
+                    build=partial(load_weights, run.final, trust_remote_code=remote_code(run)))
     if method == "reward":
         return dict(common, describe=f"reward model {run.dir}", key=("scorer", _folder_key(run.final)),
-                    build=partial(_load_scorer, run.final))
-    if not run.is_adapter:
-        return dict(common, describe=f"run {run.dir}: full weights of {method}", key=(_folder_key(run.final),),
-                    build=partial(load_weights, run.final))
+                    build=partial(_load_scorer, run.final, trust_remote_code=remote_code(run)))
     chain = adapter_chain(run)
     extra = f" (on top of merged {', '.join(map(str, chain))})" if chain else ""
     return dict(common, describe=f"run {run.dir}: {method} adapter on {base_folder(run)}{extra}",
@@ -155,12 +165,13 @@ def _from_export(folder: Path) -> dict:
     manifest = read_export(folder)
     common = dict(kind="export", tokenizer=run_tokenizer(folder), method=manifest.get("method"),
                   scoring=manifest.get("scoring"), chat_template_source=manifest.get("chat_template_source"))
+    remote = bool(manifest.get("trust_remote_code"))  # the run's setting, recorded at export
     if manifest["format"] == "merged":
         return dict(common, describe=f"exported merged model {folder}", key=(_folder_key(folder),),
-                    build=partial(load_weights, folder))
+                    build=partial(load_weights, folder, trust_remote_code=remote))
     base = export_adapter_base(folder, manifest)
     return dict(common, describe=f"exported adapter {folder} on {base}", key=(_folder_key(base),),
-                build=partial(load_weights, base), adapter=folder)
+                build=partial(load_weights, base, trust_remote_code=remote), adapter=folder)
 
 
 def _from_adapter(folder: Path, base: str | None = None) -> dict:

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.infer.load import Resolved, build_weights, load_weights, resolve
+from tunesmith.infer.load import Resolved, build_weights, load_weights, remote_code, resolve
 from tunesmith.models.runs import trained_base
 
 
@@ -130,7 +130,7 @@ class ModelPool:
         second copy); else, for full fine-tuning, ``trained_base`` loaded beside it."""
         ref_name = ((member.run.config.get("preference") or {}).get("ref_model")) if member.run else None
         if ref_name:
-            yield load_weights(ref_name)
+            yield load_weights(ref_name, trust_remote_code=remote_code(member.run))
         elif member.adapter is not None:
             model = self._activate(member.key)
             with model.disable_adapter():

@@ -148,14 +148,35 @@ def resolve_model(name_or_path: str) -> Path:
     )
 
 
-def load_tokenizer(name_or_path: str):
-    """The model's tokenizer with a chat template ensured (see models.templates)."""
+# Any one of these lets AutoTokenizer build a tokenizer from a folder.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                    "tekken.json")
+
+
+def _auto_tokenizer(folder: Path):
+    """AutoTokenizer.from_pretrained, refusing a folder without tokenizer files in one sentence
+    (transformers' own error for it is a traceback that names neither the folder nor the fix)."""
     from transformers import AutoTokenizer
 
+    folder = Path(folder)
+    fix = ("copy the tokenizer files (tokenizer.json, tokenizer_config.json, …) of the model it was trained from "
+           "into it")
+    if folder.is_dir() and not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        raise TunesmithError(f"model folder {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                             f"{fix}")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise TunesmithError(f"cannot load the tokenizer of {folder} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); {fix}") from None
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer with a chat template ensured (see models.templates)."""
     from tunesmith.models.templates import ensure_chat_template
 
     folder = resolve_model(name_or_path)
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = _auto_tokenizer(folder)
     ensure_chat_template(tok)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -200,25 +221,24 @@ def _quiet_head_init():
     return ctx()
 
 
-def load_scorer(folder: str | Path):
+def load_scorer(folder: str | Path, trust_remote_code: bool = False):
     """A reward model for scoring: (AutoModelForSequenceClassification in eval mode, its
     tokenizer). An adapter folder (LoRA reward run) is merged onto the base it names."""
     import json
 
-    from transformers import AutoTokenizer
-
     p = Path(folder)
+    if not ((p / "adapter_config.json").exists() or (p / "config.json").exists()):
+        raise TunesmithError(f"{p} holds no reward model (adapter_config.json or config.json); point at a "
+                             f"`method: reward` run's final/ folder")
+    tok = _auto_tokenizer(p)  # before the weights: a folder without a tokenizer fails fast
     if (p / "adapter_config.json").exists():
         from peft import PeftModel
 
         base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(load_model(base, task="score"), p).merge_and_unload()
-    elif (p / "config.json").exists():
-        model = load_model(str(p), task="score")
+        model = PeftModel.from_pretrained(load_model(base, task="score", trust_remote_code=trust_remote_code),
+                                           p).merge_and_unload()
     else:
-        raise TunesmithError(f"{p} holds no reward model (adapter_config.json or config.json); point at a "
-                             f"`method: reward` run's final/ folder")
-    tok = AutoTokenizer.from_pretrained(p)
+        model = load_model(str(p), task="score", trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id

@@ -141,18 +141,20 @@ def trained_base(run: Run, dtype=torch.float32):
     """The model the run's final weights were trained on top of, in ``dtype``.
 
     No ``init_from``: the base. ``init_from`` full weights: those weights. ``init_from``
-    an adapter: that run's own trained base with its adapter merged in, recursively.
+    an adapter: that run's own trained base with its adapter merged in, recursively. A run
+    trained with ``trust_remote_code: true`` loads its base with it again.
     """
     from peft import PeftModel
 
     from tunesmith.models import load_model
 
     task = run_task(run)
+    remote = bool(run.config.get("trust_remote_code"))
     if run.init_from is not None and not run.init_is_adapter:
-        return load_model(str(run.init_from), dtype=dtype, task=task)
+        return load_model(str(run.init_from), dtype=dtype, task=task, trust_remote_code=remote)
     parent = run_of(run.init_from) if run.init_is_adapter and task == "causal" else None
     model = (trained_base(parent, dtype) if parent is not None
-             else load_model(str(base_folder(run)), dtype=dtype, task=task))
+             else load_model(str(base_folder(run)), dtype=dtype, task=task, trust_remote_code=remote))
     if run.init_is_adapter:
         model = PeftModel.from_pretrained(model, run.init_from).merge_and_unload()
     return model

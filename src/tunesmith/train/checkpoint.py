@@ -9,6 +9,7 @@ Layout of ``output_dir/checkpoint-STEP/`` (Hugging Face naming)::
     cursor.json                   epoch, sampler seed, samples consumed, global step
     trainer_state.json            metrics so far, counters (e.g. skipped non-finite steps)
     config.json                   the resolved run config, compared on resume (config_diff)
+    inputs.json                   sha256 of the training data, tokenizer and chat template
     manifest.json                 format version, step, layout, sha256 + size of every file
 
 Crash safety: everything is written into ``.tmp-checkpoint-STEP-<random>`` beside the
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ class Checkpoint:
     trainer_state: dict
     config: dict
     manifest: dict
+    inputs: dict | None = None  # absent in checkpoints written before it was recorded
 
 
 # ---------------------------------------------------------------- flatten / unflatten
@@ -194,10 +197,14 @@ def save_checkpoint(
     cursor: dict,
     trainer_state: dict,
     config: dict,
+    inputs: dict | None = None,
     keep_last: int | None = None,
+    protect: Path | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-STEP`` atomically and return its path. ``keep_last=K``
-    then deletes the lowest-step complete checkpoints beyond K, never the one just written."""
+    then deletes the lowest-step complete checkpoints beyond K, never the one just written
+    nor ``protect`` (the newest good one, ``engine``), and incomplete ones below this step
+    (nothing can resume from them)."""
     names = list(state_dicts)
     if clash := (_RESERVED & set(names)) | {n for n in names if names.count(n) > 1}:
         raise ValueError(f"checkpoint part names {sorted(clash)} are reserved or repeated")
@@ -217,12 +224,38 @@ def save_checkpoint(
         for name, doc in zip(_DOCS, (cursor, trainer_state, config)):
             # default=str: a Path in the config is stored as its text, as config_diff compares it
             write_json(tmp / f"{name}.json", doc, indent=1, default=str)
+        if inputs is not None:
+            write_json(tmp / "inputs.json", inputs, indent=1)
         write_manifest(tmp, {"kind": "checkpoint", "step": step, "state_dicts": sorted(state_dicts)})
     if keep_last is not None:
-        others = [p for p in find_checkpoints(root)[0] if p != final]
+        complete, incomplete = find_checkpoints(root)
+        others = [p for p in complete if p != final]
         for p in others[: max(0, len(others) + 1 - keep_last)]:
-            remove_dir(p)
+            if protect is None or p.resolve() != Path(protect).resolve():
+                remove_dir(p)
+        for p, _ in incomplete:
+            if step_of(p) < step:
+                remove_dir(p)
     return final
+
+
+def step_of(path: Path) -> int:
+    """The step of a ``checkpoint-N`` folder (or of the ``.old-checkpoint-N-…`` a crash left)."""
+    return int(re.search(r"checkpoint-(\d+)", path.name)[1])
+
+
+def set_aside(output_dir: str | os.PathLike, after: int) -> list[Path]:
+    """Rename the complete checkpoints above step ``after`` to ``diverged-checkpoint-N``
+    (kept, but no longer what ``--resume`` picks); returns their new paths."""
+    moved = []
+    for p in find_checkpoints(output_dir)[0]:
+        if step_of(p) > after:
+            target = p.with_name(f"diverged-checkpoint-{step_of(p)}")
+            if target.exists():
+                target = p.with_name(f"diverged-checkpoint-{step_of(p)}-{secrets.token_hex(2)}")
+            os.rename(p, target)
+            moved.append(target)
+    return moved
 
 
 def find_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -266,6 +299,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     manifest = verify_manifest(folder, kind="checkpoint", fix=_RESUME_FIX)
     if manifest.get("kind") != "checkpoint":
         raise TunesmithError(f"{folder} is not a tunesmith checkpoint; point --resume at a checkpoint-STEP folder")
+    if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("state_dicts"), list):
+        raise TunesmithError(f"checkpoint {folder}: {MANIFEST} is malformed (step or state_dicts); {_RESUME_FIX}")
     expected = [f"{n}.safetensors" for n in (*manifest["state_dicts"], *_STATES)]
     expected += [f"{n}.json" for n in (*_STATES, *_DOCS)]
     for name in expected:
@@ -286,6 +321,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         trainer_state=read_json(folder / "trainer_state.json"),
         config=read_json(folder / "config.json"),
         manifest=manifest,
+        inputs=read_json(folder / "inputs.json") if "inputs.json" in manifest["files"] else None,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 
 from tunesmith import console, hardware
-from tunesmith.config import RunConfig, TrainConfig, save_config
+from tunesmith.config import RunConfig, TrainConfig, dump_yaml
 from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_dir, sha256_file, weights_hash
+from tunesmith.files import FolderLock, atomic_dir, dumps, folder_hash, sha256_file, weights_hash, write_text_atomic
 from tunesmith.models import load_model, load_tokenizer, resolve_model
 from tunesmith.models.adapters import attach_lora, check_qlora_supported, count_parameters, quantization_config
 from tunesmith.models.forward import SequenceLogProbs, TokenLogProbs
@@ -69,7 +70,9 @@ def prepare_data(cfg: RunConfig, tokenizer, method: MethodRow | None = None) -> 
     from tunesmith.data.validate import load_records, split_records
 
     method = method or row(cfg)
-    read = dict(format=cfg.data.format, columns=cfg.data.columns, expect=set(method.kinds))
+    # with the tokenizer, a special token inside a record's text is refused at file:line:field
+    read = dict(format=cfg.data.format, columns=cfg.data.columns, expect=set(method.kinds), tokenizer=tokenizer,
+                special_tokens_in_content=cfg.data.special_tokens_in_content)
     train_recs = load_records(_as_list(cfg.data.train), **read)
     if cfg.data.eval:
         eval_recs = load_records(_as_list(cfg.data.eval), **read)
@@ -79,13 +82,17 @@ def prepare_data(cfg: RunConfig, tokenizer, method: MethodRow | None = None) -> 
         eval_recs = []
     train = method.prepare(train_recs, tokenizer, cfg, "training")
     evals = method.prepare(eval_recs, tokenizer, cfg, "eval")
+    if eval_recs and not evals.items:
+        raise TunesmithError(f"every one of the {len(eval_recs)} eval records would lose all its trained tokens at "
+                             f"data.max_length={cfg.data.max_length}, so the run would have no eval; raise "
+                             f"data.max_length or shorten the eval records")
     return Prepared(train.items, evals.items, train.lengths, train.dropped, train.truncated, train.trained)
 
 
 # ---------------------------------------------------------------- model and reference
 
 
-def load_init(model, init_from: str, task: str = "causal"):
+def load_init(model, init_from: str, task: str = "causal", trust_remote_code: bool = False):
     """Start from an earlier run's final/: an adapter is merged into the base (the new
     adapter then trains on top, and disabling it gives the SFT model as reference); a
     full-weights folder replaces the base. A reward model (``task="score"``) takes the
@@ -99,7 +106,7 @@ def load_init(model, init_from: str, task: str = "causal"):
             model = trained_base(parent)  # that adapter itself sat on an earlier merge (SFT → DPO → DPO)
         return PeftModel.from_pretrained(model, p).merge_and_unload()
     if (p / "config.json").exists():
-        return load_model(str(p), task=task)
+        return load_model(str(p), task=task, trust_remote_code=trust_remote_code)
     raise TunesmithError(f"init_from: {p} holds neither an adapter (adapter_config.json) nor model weights "
                          f"(config.json); point it at an earlier run's final/ folder")
 
@@ -114,7 +121,7 @@ def build_model(cfg: RunConfig, method: MethodRow, tokenizer, template_source: s
     if method.task == "score":
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.init_from:
-        model = load_init(model, cfg.init_from, method.task)
+        model = load_init(model, cfg.init_from, method.task, cfg.trust_remote_code)
     model.config.use_cache = False
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # ensure_chat_template added ChatML tokens to a template-less tokenizer (as TRL's
@@ -145,7 +152,8 @@ def build_reference(cfg: RunConfig, kind: str | None, model, device):
     if p is not None and p.ref_model:
         where = Path(p.ref_model)
         if (where / "adapter_config.json").exists():  # an adapter run's final/: base + adapter, merged
-            ref = load_init(load_model(cfg.model, trust_remote_code=cfg.trust_remote_code), str(where))
+            ref = load_init(load_model(cfg.model, trust_remote_code=cfg.trust_remote_code), str(where),
+                            trust_remote_code=cfg.trust_remote_code)
         else:
             ref = load_model(p.ref_model, trust_remote_code=cfg.trust_remote_code)
     elif cfg.lora is None and not (p is not None and p.precompute_ref):
@@ -229,10 +237,36 @@ def _validate(cfg: RunConfig, out: Path, resume: bool) -> MethodRow:
         if importlib.util.find_spec("tensorboard") is None:
             raise TunesmithError("report_to: tensorboard needs the tensorboard package; "
                                  "`pip install tensorboard`, or remove it from report_to")
+    if out.exists() and not out.is_dir():
+        raise TunesmithError(f"output_dir {out} is a file; give output_dir a folder path")
     if not resume and (out / "final").exists():
         raise TunesmithError(f"{out} already holds a finished run (final/); choose another output_dir, "
                              f"delete it, or pass --resume")
     return method
+
+
+def _finished(out: Path) -> dict | None:
+    """The manifest of a run that already finished in ``out`` (its final/ written), else None."""
+    try:
+        manifest = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("final") and (out / "final").is_dir() else None
+
+
+def inputs_of(cfg: RunConfig, data_hashes: dict[str, str], model_dir: Path, tokenizer) -> dict:
+    """{name: sha256} of what training reads besides the config: the training data files,
+    the tokenizer's files and the chat template in use, taken when the run starts.
+    Recorded in every checkpoint, so that ``--resume`` notices a replaced file (eval files
+    may change: they do not train)."""
+    out = {f"data file {f}": data_hashes[f] for f in _as_list(cfg.data.train)}
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "vocab.json", "merges.txt", "tokenizer.model")
+    out["tokenizer"] = folder_hash(model_dir, [model_dir / n for n in names if (model_dir / n).is_file()])
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
+        tokenizer.chat_template, sort_keys=True)
+    out["chat template"] = hashlib.sha256((template or "").encode()).hexdigest()
+    return out
 
 
 def _plan_memory(cfg: RunConfig, method: MethodRow, model, ref_model, dtype, hw, world: int):
@@ -273,14 +307,14 @@ def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_
                  f"template {template_source}")
 
 
-def loop_args(cfg: RunConfig, dtype, force_resume: bool) -> LoopArgs:
+def loop_args(cfg: RunConfig, dtype, force_resume: bool, inputs: dict) -> LoopArgs:
     """The engine's settings: every field it shares with the ``train:`` section, by name,
     plus what comes from elsewhere in the config."""
     shared = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(LoopArgs)
               if f.name in TrainConfig.model_fields}
     return LoopArgs(**shared, output_dir=Path(cfg.output_dir), autocast_dtype=dtype,
-                    group_by_length=cfg.data.group_by_length, config=cfg.to_dict(), resume_ignore=RESUME_IGNORE,
-                    force_resume=force_resume, report_to=tuple(cfg.report_to))
+                    group_by_length=cfg.data.group_by_length, config=cfg.to_dict(), inputs=inputs,
+                    resume_ignore=RESUME_IGNORE, force_resume=force_resume, report_to=tuple(cfg.report_to))
 
 
 def _final_writer(model, tokenizer, template_source: str):
@@ -294,7 +328,7 @@ def _final_writer(model, tokenizer, template_source: str):
 
 
 def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_source: str, plan, result, hw,
-              threads: int, world: int, dtype, started: float) -> dict:
+              threads: int, world: int, dtype, started: float, data_hashes: dict, inputs: dict) -> dict:
     """run.json: what was trained, on what, how, and how its outputs are to be scored."""
     est, checkpointing, _, trainable, total = plan
     out = Path(cfg.output_dir)
@@ -305,7 +339,7 @@ def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_sourc
         # An adapter run started from another run's adapter trains on base + that adapter merged.
         "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
         "scoring": method.scoring(cfg),
-        "data": {f: sha256_file(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)},
+        "data": data_hashes,  # taken when the run started
         "versions": hardware.library_versions(), "seed": cfg.train.seed,
         "hardware": {"device": hw.device, "name": hw.device_name, "threads": threads, "processes": world},
         "dtype": str(dtype).removeprefix("torch."),
@@ -315,8 +349,9 @@ def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_sourc
         "step_memory_bytes": result.step_memory_bytes,
         "start_time": started, "end_time": time.time(), "steps": result.step,
         "skipped_nonfinite_steps": result.skipped_steps, "padding_efficiency": round(result.efficiency, 4),
-        "final_metrics": result.metrics, "stopped_by_signal": result.stopped_by_signal,
+        "final_metrics": result.metrics, "stopped_by_signal": result.stopped_by_signal, "signal": result.signal,
         "final": str(out / "final") if not result.stopped_by_signal else None,
+        "inputs": inputs, **({"force_resumed": result.forced} if result.forced else {}),
     }
 
 
@@ -324,14 +359,26 @@ def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_sourc
 
 
 def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
-    """Train one run; returns the run manifest (also written to OUTPUT_DIR/run.json)."""
+    """Train one run; returns the run manifest (also written to OUTPUT_DIR/run.json).
+    One writer per run folder: the main process holds its lock (``files.FolderLock``)."""
     from accelerate import Accelerator
 
-    started = time.time()
     out = Path(cfg.output_dir)
     resume = resume or cfg.resume is True or (cfg.resume == "auto" and ckpt.latest_checkpoint(out) is not None)
     method = _validate(cfg, out, resume)  # --- before any weights load
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    with FolderLock(out, "run folder") if accelerator.is_main_process else contextlib.nullcontext():
+        done = _finished(out) if resume else None
+        if done is not None:
+            console.info(f"{out} already finished ({done.get('steps')} steps, final/ written): nothing to resume; "
+                         f"it is left as it is")
+            return done
+        return _train(cfg, method, accelerator, resume, force_resume)
+
+
+def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_resume: bool) -> dict:
+    started = time.time()
+    out = Path(cfg.output_dir)
     world, is_main = accelerator.num_processes, accelerator.is_main_process
     hw = hardware.detect()
     threads = hardware.set_threads(cfg.train.threads or max(1, hardware.cpu_cores() // world))
@@ -342,7 +389,9 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     model_dir = resolve_model(cfg.model)  # converts the embedded model once, if needed
     tokenizer = load_tokenizer(cfg.model)
     template_source = ensure_chat_template(tokenizer)
+    data_hashes = {f: sha256_file(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)}
     data = prepare_data(cfg, tokenizer, method)
+    inputs = inputs_of(cfg, data_hashes, model_dir, tokenizer)
     if data.dropped and is_main:
         console.warn(f"dropped {data.dropped} training records whose trained tokens would all be truncated "
                      f"at max_length {cfg.data.max_length}")
@@ -355,7 +404,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     if is_main:
         _report(cfg, data, model_dir, plan, dtype, dtype_why, threads, world, template_source)
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        write_text_atomic(out / "config.yaml", dump_yaml(cfg))
 
     # --- the method, with its reference (precomputed values ride on the items)
     autocast = (lambda: torch.autocast(accelerator.device.type, dtype=dtype)) \
@@ -367,15 +416,16 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
         note = precompute_reference(cfg, trainer, model, ref_model, data, out, accelerator, dtype, model_dir, autocast)
         if is_main:
             console.info(note)
-        ref_model = ctx.reference = None  # the frozen model is freed
+        ref_model = None  # the frozen model is freed
 
     # --- train, save, record
-    result = fit(model, trainer, data.train, data.eval, data.lengths, loop_args(cfg, dtype, force_resume),
+    result = fit(model, trainer, data.train, data.eval, data.lengths, loop_args(cfg, dtype, force_resume, inputs),
                  accelerator=accelerator, save_final=_final_writer(model, tokenizer, template_source),
                  resume=resume, processed_tokens=processed_tokens)
-    manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype, started)
+    manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype, started,
+                         data_hashes, inputs)
     if is_main:
-        (out / "run.json").write_text(json.dumps(manifest, indent=2))
+        write_text_atomic(out / "run.json", dumps(manifest, indent=2))
         if not result.stopped_by_signal:
             console.info(f"done: {result.step} steps; real/processed tokens {result.efficiency:.1%}; "
                          f"{result.peak_memory_kind} during training {result.peak_memory_bytes / 2**30:.2f} GiB "

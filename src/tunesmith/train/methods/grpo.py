@@ -49,7 +49,8 @@ class PromptItem:
     meta: dict = field(default_factory=dict)  # extra columns (e.g. a reference answer) for reward functions
 
 
-def prepare_prompts(records: list[dict], tokenizer, *, max_length: int, max_new_tokens: int) -> Split:
+def prepare_prompts(records: list[dict], tokenizer, *, max_length: int, max_new_tokens: int,
+                    special_tokens_in_content: str = "error") -> Split:
     """Prompts, left-truncated so that prompt + ``max_new_tokens`` fits ``max_length``. An
     SFT record serves as a prompt too: its last assistant message becomes the ``answer``
     column that reward functions receive."""
@@ -64,7 +65,8 @@ def prepare_prompts(records: list[dict], tokenizer, *, max_length: int, max_new_
             last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
             meta.setdefault("answer", r["messages"][last]["content"])
             r = {"prompt": r["messages"][:last], **({"tools": r["tools"]} if r.get("tools") else {})}
-        ex = tokenize_record({k: v for k, v in r.items() if k != "meta"}, tokenizer, max_length=room)
+        ex = tokenize_record({k: v for k, v in r.items() if k != "meta"}, tokenizer, max_length=room,
+                             special_tokens_in_content=special_tokens_in_content)
         items.append(PromptItem(ex.input_ids, r["prompt"], meta))
     return Split(items, [len(p.input_ids) for p in items])
 

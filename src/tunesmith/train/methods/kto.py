@@ -63,12 +63,14 @@ def kl_pairs(examples: list[UnpairedExample], max_length: int | None, seed: int)
     return items
 
 
-def prepare(records: list[dict], tokenizer, *, max_length: int, on_overflow: str, what: str, seed: int) -> Split:
+def prepare(records: list[dict], tokenizer, *, max_length: int, on_overflow: str, what: str, seed: int,
+            special_tokens_in_content: str = "error") -> Split:
     """Unpaired examples, each with its KL row (``kl_pairs``); paired records train KTO as
     two unpaired examples. The KL row runs without gradients, so only the example trains."""
     unpaired = [u for r in records for u in unpair(r)]
     exs, dropped, truncated = tokenize_each(
-        unpaired, lambda r: tokenize_unpaired(r, tokenizer, max_length=max_length, on_overflow="drop"),
+        unpaired, lambda r: tokenize_unpaired(r, tokenizer, max_length=max_length, on_overflow="drop",
+                                              special_tokens_in_content=special_tokens_in_content),
         lambda u: [u.completion], what=what, max_length=max_length, on_overflow=on_overflow)
     items = kl_pairs(exs, max_length, seed) if exs else []
     return Split(items, [len(it.example.completion.input_ids) + len(it.kl.input_ids) for it in items], dropped,

@@ -20,11 +20,13 @@ from tunesmith.train.methods.losses import (LENGTH_NORMALISED, PAIRWISE_LOSSES, 
 from tunesmith.train.methods.reference import Reference, unwrap
 
 
-def prepare_pairs(records: list[dict], tokenizer, *, max_length: int, on_overflow: str, what: str) -> Split:
+def prepare_pairs(records: list[dict], tokenizer, *, max_length: int, on_overflow: str, what: str,
+                  special_tokens_in_content: str = "error") -> Split:
     """Preference records as (chosen, rejected) pairs sharing their prompt tokens (also the
     reward model's data)."""
     pairs, dropped, truncated = tokenize_each(
-        records, lambda r: tokenize_preference(r, tokenizer, max_length=max_length, on_overflow="drop"),
+        records, lambda r: tokenize_preference(r, tokenizer, max_length=max_length, on_overflow="drop",
+                                               special_tokens_in_content=special_tokens_in_content),
         lambda p: [p.chosen, p.rejected], what=what, max_length=max_length, on_overflow=on_overflow)
     return Split(pairs, [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs], dropped, truncated,
                  sum(p.chosen.n_trained + p.rejected.n_trained for p in pairs))

@@ -93,7 +93,8 @@ def _build_pairwise(ctx: BuildContext) -> Method:
 
 def _prepare_pairs(records, tokenizer, cfg: RunConfig, what: str) -> Split:
     return preference.prepare_pairs(records, tokenizer, max_length=cfg.data.max_length,
-                                    on_overflow=cfg.data.on_overflow, what=what)
+                                    on_overflow=cfg.data.on_overflow, what=what,
+                                    special_tokens_in_content=cfg.data.special_tokens_in_content)
 
 
 # ---------------------------------------------------------------- the others
@@ -102,12 +103,12 @@ def _prepare_pairs(records, tokenizer, cfg: RunConfig, what: str) -> Split:
 def _prepare_sft(records, tokenizer, cfg: RunConfig, what: str) -> Split:
     d = cfg.data
     return sft.prepare(records, tokenizer, max_length=d.max_length, train_on=d.train_on, packing=d.packing,
-                       on_overflow=d.on_overflow, what=what)
+                       on_overflow=d.on_overflow, what=what, special_tokens_in_content=d.special_tokens_in_content)
 
 
 def _prepare_kto(records, tokenizer, cfg: RunConfig, what: str) -> Split:
     return kto.prepare(records, tokenizer, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overflow,
-                       what=what, seed=cfg.train.seed)
+                       what=what, seed=cfg.train.seed, special_tokens_in_content=cfg.data.special_tokens_in_content)
 
 
 def _check_kto(cfg: RunConfig) -> None:
@@ -157,7 +158,8 @@ METHODS: dict[str, MethodRow] = {
                         scoring=lambda cfg: {"rule": "reward"}, rows_per_item=lambda cfg: 2, task="score"),
     "grpo": MethodRow(kinds=frozenset({"prompt", "sft"}),
                       prepare=lambda records, tok, cfg, what: grpo.prepare_prompts(
-                          records, tok, max_length=cfg.data.max_length, max_new_tokens=cfg.grpo.max_new_tokens),
+                          records, tok, max_length=cfg.data.max_length, max_new_tokens=cfg.grpo.max_new_tokens,
+                          special_tokens_in_content=cfg.data.special_tokens_in_content),
                       build=_build_grpo, scoring=lambda cfg: _LOGLIK,
                       reference=lambda cfg: "token" if cfg.grpo.beta > 0 else None,
                       rows_per_item=lambda cfg: cfg.grpo.num_generations),

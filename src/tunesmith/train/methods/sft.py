@@ -21,10 +21,11 @@ def sft_loss(logps: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(records: list[dict], tokenizer, *, max_length: int, train_on: str, packing: bool, on_overflow: str,
-            what: str) -> Split:
+            what: str, special_tokens_in_content: str = "error") -> Split:
     """Records tokenized with the data layer's masking contract; packed when ``packing``."""
     exs, dropped, truncated = tokenize_each(
-        records, lambda r: tokenize_record(r, tokenizer, max_length=max_length, train_on=train_on, on_overflow="drop"),
+        records, lambda r: tokenize_record(r, tokenizer, max_length=max_length, train_on=train_on, on_overflow="drop",
+                                           special_tokens_in_content=special_tokens_in_content),
         lambda e: [e], what=what, max_length=max_length, on_overflow=on_overflow)
     if not packing:
         return Split(exs, [len(e.input_ids) for e in exs], dropped, truncated, sum(e.n_trained for e in exs))
