@@ -216,11 +216,10 @@ def _finished_run(folder: Path) -> dict | None:
 
 def _checkpoint_step(folder: Path) -> int | None:
     """The step of the checkpoint ``--resume`` would start from (the trainer's own choice)."""
-    from tunesmith.train.checkpoint import latest_checkpoint
+    from tunesmith.train.checkpoint import latest_checkpoint, step_of
 
     latest = latest_checkpoint(folder) if folder.is_dir() else None
-    m = re.search(r"checkpoint-(\d+)", latest.name) if latest is not None else None
-    return int(m[1]) if m else None
+    return step_of(latest) if latest is not None else None
 
 
 def _signal_name(signum: int) -> str:
