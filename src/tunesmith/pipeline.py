@@ -63,6 +63,7 @@ from tunesmith.config import _explain, _Section, load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.files import FolderLock, folder_hash, remove_dir, sha256_file, write_text_atomic
 from tunesmith.infer import GENERATION_BATCH
+from tunesmith.models.runs import finished_run
 
 LINEAGE = "lineage.json"
 BASE = "base"  # the pipeline's model, as a compare entry
@@ -201,17 +202,6 @@ class _Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
-
-
-def _finished_run(folder: Path) -> dict | None:
-    """run.json of a train stage whose trainer finished (final/ written, not stopped by a signal)."""
-    try:
-        manifest = json.loads((folder / "run.json").read_text())
-    except (OSError, ValueError):  # absent, or cut short by a kill while it was written
-        return None
-    if not isinstance(manifest, dict) or manifest.get("stopped_by_signal") or not (folder / "final").is_dir():
-        return None
-    return manifest
 
 
 def _checkpoint_step(folder: Path) -> int | None:
@@ -407,19 +397,21 @@ class Pipeline:
         console.info(f"stage {stage.name}: unchanged, skipped ({where})")
         self.outputs[stage.name] = self.lineage.get(stage.name)["output"]
 
+    def _attempts(self, stage: StageSpec, key: str) -> list[dict]:
+        """The starts recorded for this stage with this key (a new key starts the count over)."""
+        old = self.lineage.get(stage.name)
+        return old.get("attempts", []) if old.get("key") == key else []
+
     def _start(self, stage: StageSpec, key: str, from_step: int | None = None) -> None:
         """Record the key before the stage writes anything: an interruption then resumes it."""
-        old = self.lineage.get(stage.name)
-        attempts = old.get("attempts", []) if old.get("key") == key else []
         attempt = {"started": time.time(), **({"from_step": from_step} if from_step is not None else {})}
         self.lineage.record(stage.name, {"kind": stage.kind, "key": key, "status": "started",
-                                         "attempts": [*attempts, attempt]})
+                                         "attempts": [*self._attempts(stage, key), attempt]})
 
     def _finish(self, stage: StageSpec, key: str, t0: float, inputs: dict, output: str, extra: dict | None = None):
         self.outputs[stage.name] = output
-        old = self.lineage.get(stage.name)
-        attempts = old.get("attempts", []) if old.get("key") == key else []
-        self.lineage.record(stage.name, {"kind": stage.kind, "key": key, "status": "done", "attempts": attempts,
+        self.lineage.record(stage.name, {"kind": stage.kind, "key": key, "status": "done",
+                                         "attempts": self._attempts(stage, key),
                                          "inputs": inputs, "output": output, "seconds": round(time.time() - t0, 1),
                                          "finished": time.time(), **(extra or {})})
 
@@ -453,7 +445,7 @@ class Pipeline:
             self._skipped(stage, folder)
             return
         t0 = time.time()
-        manifest = _finished_run(folder) if action == "resume" else None
+        manifest = finished_run(folder) if action == "resume" else None
         if manifest is not None:  # the trainer finished just before an interruption reached the pipeline
             console.info(f"stage {stage.name}: its run finished before the last interruption; recorded")
         else:
@@ -476,7 +468,7 @@ class Pipeline:
         console.info(f"stage {stage.name}: {f'resuming from step {step}' if step else 'training'} — "
                      f"{' '.join(cmd[2:])}")
         code = self._wait_for_trainer(cmd, {**os.environ, "TUNESMITH_STAGE": stage.name})
-        manifest = _finished_run(folder)
+        manifest = finished_run(folder)
         if self._signal is not None:
             if manifest is None:
                 raise _Interrupted(self._signal)

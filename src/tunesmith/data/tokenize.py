@@ -295,7 +295,7 @@ def _as_text(record: Record, tokenizer, special_tokens_in_content: str) -> _AsTe
 
 def _render(tokenizer, messages: list[Message], tools, generation_prompt: bool) -> str:
     if not tokenizer.chat_template:
-        raise TunesmithError("the tokenizer has no chat template; call data.templates.ensure_chat_template first")
+        raise TunesmithError("the tokenizer has no chat template; call models.templates.ensure_chat_template first")
     try:
         return tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt

@@ -148,9 +148,16 @@ def resolve_model(name_or_path: str) -> Path:
     )
 
 
-# Any one of these lets AutoTokenizer build a tokenizer from a folder.
+# Any one of these lets AutoTokenizer build a tokenizer from a folder; the others only add to it.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
                     "tekken.json")
+_TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "merges.txt")
+
+
+def tokenizer_files(folder: str | Path) -> list[Path]:
+    """The tokenizer files a model folder holds (its identity, for resume checks)."""
+    folder = Path(folder)
+    return [folder / n for n in (*_TOKENIZER_FILES, *_TOKENIZER_EXTRAS) if (folder / n).is_file()]
 
 
 def _auto_tokenizer(folder: Path):

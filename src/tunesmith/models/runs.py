@@ -74,6 +74,19 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(d, json.loads((d / "run.json").read_text()), config or {})
 
 
+def finished_run(folder: str | Path) -> dict | None:
+    """``run.json`` of a run that finished in ``folder`` (``final/`` written, not stopped by a
+    signal), else None — also when run.json is absent or cut short by a kill."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("stopped_by_signal") or not manifest.get("final"):
+        return None
+    return manifest if (folder / "final").is_dir() else None
+
+
 def run_dir_of(path: str | Path) -> Path | None:
     """The run folder ``path`` names — the folder itself or its ``final/`` — if it is one."""
     p = Path(path)

@@ -25,9 +25,10 @@ from tunesmith.config import RunConfig, TrainConfig, dump_yaml
 from tunesmith.errors import TunesmithError
 from tunesmith.files import FolderLock, atomic_dir, dumps, folder_hash, sha256_file, weights_hash, write_text_atomic
 from tunesmith.models import load_model, load_tokenizer, resolve_model
+from tunesmith.models.load import tokenizer_files
 from tunesmith.models.adapters import attach_lora, check_qlora_supported, count_parameters, quantization_config
 from tunesmith.models.forward import SequenceLogProbs, TokenLogProbs
-from tunesmith.models.runs import run_of, trained_base
+from tunesmith.models.runs import finished_run, run_of, trained_base
 from tunesmith.models.templates import ensure_chat_template
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import memory
@@ -245,24 +246,13 @@ def _validate(cfg: RunConfig, out: Path, resume: bool) -> MethodRow:
     return method
 
 
-def _finished(out: Path) -> dict | None:
-    """The manifest of a run that already finished in ``out`` (its final/ written), else None."""
-    try:
-        manifest = json.loads((out / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if manifest.get("final") and (out / "final").is_dir() else None
-
-
 def inputs_of(cfg: RunConfig, data_hashes: dict[str, str], model_dir: Path, tokenizer) -> dict:
     """{name: sha256} of what training reads besides the config: the training data files,
     the tokenizer's files and the chat template in use, taken when the run starts.
     Recorded in every checkpoint, so that ``--resume`` notices a replaced file (eval files
     may change: they do not train)."""
     out = {f"data file {f}": data_hashes[f] for f in _as_list(cfg.data.train)}
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-             "vocab.json", "merges.txt", "tokenizer.model")
-    out["tokenizer"] = folder_hash(model_dir, [model_dir / n for n in names if (model_dir / n).is_file()])
+    out["tokenizer"] = folder_hash(model_dir, tokenizer_files(model_dir))
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
         tokenizer.chat_template, sort_keys=True)
     out["chat template"] = hashlib.sha256((template or "").encode()).hexdigest()
@@ -368,7 +358,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     method = _validate(cfg, out, resume)  # --- before any weights load
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with FolderLock(out, "run folder") if accelerator.is_main_process else contextlib.nullcontext():
-        done = _finished(out) if resume else None
+        done = finished_run(out) if resume else None
         if done is not None:
             console.info(f"{out} already finished ({done.get('steps')} steps, final/ written): nothing to resume; "
                          f"it is left as it is")
