@@ -56,7 +56,7 @@ def train_config(tmp_path: Path, model: Path, data: Path, train: str = "{max_ste
     (["train", "--bogus", "x.yaml"], "No such option: --bogus"),
     (["train"], "Missing argument 'config'"),
     (["nosuchcmd"], "No such command 'nosuchcmd'"),
-    (["data", "inspect", "F.jsonl", "--json"], "No such option: --json"),
+    (["data", "inspect", "F.jsonl", "--no-such-flag"], "No such option: --no-such-flag"),
 ], ids=["unknown-option", "missing-argument", "unknown-command", "unknown-subcommand-option"])
 def test_usage_errors_are_one_line_with_exit_code_2(argv, says, capsys):
     code, _, err = cli(argv, capsys)

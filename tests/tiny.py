@@ -304,9 +304,14 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
 def _bpe_json() -> str:
     """A byte-level BPE trained on _CORPUS (~1 s the first time, then cached)."""
+    return train_bpe(tuple(_CORPUS), 480)
+
+
+@functools.lru_cache(maxsize=4)
+def train_bpe(corpus: tuple[str, ...], vocab_size: int) -> str:
+    """A byte-level BPE of ``vocab_size`` trained on ``corpus``, as tokenizer JSON (cached)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -314,9 +319,9 @@ def _bpe_json() -> str:
     # character span is exactly the text it decodes to (label masking relies on it).
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=480, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator(list(corpus) * 4, trainer)
     return tok.to_str()
 
 

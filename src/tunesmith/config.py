@@ -43,6 +43,14 @@ class DataConfig(_Section):
     special_tokens_in_content: Literal["error", "text"] = Field(
         "error", description="a special token such as `<|im_end|>` written inside a record's text: refuse the "
         "run (it would become a control token, e.g. a fake turn boundary), or keep it as plain text tokens")
+    reasoning: Literal["train", "answer_only", "drop"] = Field(
+        "train", description="reasoning traces on assistant turns: train them with the answer, keep them as "
+        "context only (-100), or drop them")
+    template_kwargs: Optional[dict[str, Any]] = Field(
+        None, description="switches passed to the chat template, e.g. {enable_thinking: false} (Qwen3)")
+    chat_template: Optional[str] = Field(
+        None, description="chat template override: a Jinja file, or a family name (chatml, llama3, gemma, mistral, "
+        "qwen3); the exported tokenizer carries it")
 
 
 class LoraConfig(_Section):

@@ -53,10 +53,33 @@ def _special(value: str) -> str:
     return value
 
 
-def _tokenizer(model: str | None):
+_TEMPLATE_HELP = "Chat template override: a Jinja file or a family (chatml, llama3, gemma, mistral, qwen3)."
+_REASONING_HELP = "Reasoning traces: train (with the answer), answer_only (context, -100) or drop."
+_KWARGS_HELP = "Chat template switches as a JSON object, e.g. '{\"enable_thinking\": false}'."
+
+
+def _tokenizer(model: str | None, chat_template: str | None = None):
     from tunesmith.models import load_tokenizer  # lazy: checking data needs no model
 
-    return load_tokenizer(model or DEFAULT_MODEL)
+    return load_tokenizer(model or DEFAULT_MODEL, chat_template)
+
+
+def _chat(reasoning: str, template_kwargs: str | None):
+    """data.reasoning and data.template_kwargs from the command line."""
+    from tunesmith.data.render import REASONING, ChatOptions
+
+    if reasoning not in REASONING:
+        raise TunesmithError(f"--reasoning {reasoning!r} is not a choice; use {', '.join(REASONING)}")
+    kwargs = {}
+    if template_kwargs:
+        try:
+            kwargs = json.loads(template_kwargs)
+        except json.JSONDecodeError as e:
+            raise TunesmithError(f"--template-kwargs is not JSON ({e.msg}); write e.g. "
+                                 "'{\"enable_thinking\": false}'") from None
+        if not isinstance(kwargs, dict):
+            raise TunesmithError("--template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return ChatOptions(reasoning, kwargs)
 
 
 @app.command()
@@ -69,6 +92,9 @@ def check(
     columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON on stdout."),
     special_tokens_in_content: str = typer.Option("error", "--special-tokens-in-content", help=_SPECIAL_HELP),
+    chat_template: str = typer.Option(None, "--chat-template", help=_TEMPLATE_HELP),
+    reasoning: str = typer.Option("train", "--reasoning", help=_REASONING_HELP),
+    template_kwargs: str = typer.Option(None, "--template-kwargs", help=_KWARGS_HELP),
 ) -> None:
     """Report records, format, kind, every problem as file:line:field, duplicates and token lengths.
 
@@ -79,10 +105,10 @@ def check(
 
     if max_length is not None and max_length < 1:
         raise TunesmithError(f"--max-length must be a positive number of tokens, got {max_length}")
-    special = _special(special_tokens_in_content)
-    tokenizer = _tokenizer(model) if (model or max_length) else None
+    special, chat = _special(special_tokens_in_content), _chat(reasoning, template_kwargs)
+    tokenizer = _tokenizer(model, chat_template) if (model or max_length or chat_template) else None
     report = check_files(files, format=format, columns=_columns(columns), tokenizer=tokenizer,
-                         max_length=max_length, special_tokens_in_content=special)
+                         max_length=max_length, special_tokens_in_content=special, chat=chat)
     if as_json:
         # markup/emoji off: record text such as "[b]" or ":smile:" must come out verbatim.
         console.out.print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2),
@@ -141,32 +167,37 @@ def inspect(
     format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
     columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
     special_tokens_in_content: str = typer.Option("error", "--special-tokens-in-content", help=_SPECIAL_HELP),
+    chat_template: str = typer.Option(None, "--chat-template", help=_TEMPLATE_HELP),
+    reasoning: str = typer.Option("train", "--reasoning", help=_REASONING_HELP),
+    template_kwargs: str = typer.Option(None, "--template-kwargs", help=_KWARGS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print every training sequence of the record as JSON: "
+                                 "input_ids, labels and the decoded text of each trained span."),
 ) -> None:
-    """Show one record tokenised: trained tokens coloured (or wrapped in [[ ]] when piped)."""
-    from tunesmith.data.schema import kind_of
+    """Show one record tokenised: trained tokens coloured (or wrapped in [[ ]] when piped).
+
+    A conversation under a chat template that rewrites earlier turns (Qwen3, gpt-oss, …) is
+    one training sequence per assistant turn: each is shown."""
     from tunesmith.data.validate import load_records
 
-    special = _special(special_tokens_in_content)
+    special, chat = _special(special_tokens_in_content), _chat(reasoning, template_kwargs)
     records = load_records(file, format=format, columns=_columns(columns))
     if not 0 <= index < len(records):
         raise TunesmithError(f"--index {index} is out of range; {file} holds {len(records)} record(s) "
                              f"(0 to {len(records) - 1})")
-    from tunesmith.data.inspect import render_tokens
-    from tunesmith.data.tokenize import SpecialTokenError, tokenize_preference, tokenize_record
+    tokenizer = _tokenizer(model, chat_template)
+    shown, mode = _sequences(records[index], tokenizer, max_length, special, chat, f"{file} record {index}")
+    if as_json:
+        from tunesmith.data.inspect import trained_spans
 
-    tokenizer = _tokenizer(model)
-    rec = records[index]
-    kind = kind_of(rec)
-    try:
-        if kind == "preference":
-            pe = tokenize_preference(rec, tokenizer, max_length=max_length, special_tokens_in_content=special)
-            shown = [("chosen", pe.chosen), ("rejected", pe.rejected)]
-        else:
-            shown = [(kind, tokenize_record(rec, tokenizer, max_length=max_length,
-                                            special_tokens_in_content=special))]
-    except SpecialTokenError as e:
-        raise TunesmithError(f"{file} record {index}, {e.field}: {e.reason} (or pass --special-tokens-in-content "
-                             "text)") from None
+        out = {"file": str(file), "index": index, "mode": mode, "sequences": [
+            {"name": name, "input_ids": ex.input_ids, "labels": ex.labels, "truncated": ex.truncated,
+             "trained": [tokenizer.decode(span, skip_special_tokens=False) for span in trained_spans(ex.labels)]}
+            for name, ex in shown]}
+        console.out.print(json.dumps(out, ensure_ascii=False), markup=False, highlight=False, emoji=False,
+                          soft_wrap=True)
+        return
+    from tunesmith.data.inspect import render_tokens
+
     color = console.is_tty()
     for name, ex in shown:
         cut = f", truncated from {ex.n_tokens}" if ex.truncated else ""
@@ -174,3 +205,26 @@ def inspect(
         text = render_tokens(tokenizer, ex.input_ids, ex.labels, color=color)
         # With colour the renderer returns rich markup; without, plain text with [[ ]].
         console.out.print(text, markup=color, highlight=False, emoji=False)
+
+
+def _sequences(rec: dict, tokenizer, max_length, special: str, chat, where: str) -> tuple[list, str]:
+    """[(name, TokenizedExample)] of one record as training sees it, and the template mode."""
+    from tunesmith.data.schema import kind_of
+    from tunesmith.data.tokenize import SpecialTokenError, tokenize_preference, tokenize_sequences, tokenize_training
+
+    kind = kind_of(rec)
+    try:
+        if kind == "preference":
+            pe = tokenize_preference(rec, tokenizer, max_length=max_length, special_tokens_in_content=special,
+                                     chat=chat)
+            return [("chosen", pe.chosen), ("rejected", pe.rejected)], "append"
+        if kind == "sft":
+            conv = tokenize_training(rec, tokenizer, max_length=max_length, special_tokens_in_content=special,
+                                     chat=chat)
+            many = len(conv.examples) > 1
+            return [(f"sft, turn {k + 1} of {len(conv.examples)}" if many else kind, ex)
+                    for k, ex in enumerate(conv.examples)], conv.mode
+        return [(kind, ex) for ex in tokenize_sequences(rec, tokenizer, max_length=max_length,
+                                                         special_tokens_in_content=special, chat=chat)], "append"
+    except SpecialTokenError as e:
+        raise TunesmithError(f"{where}, {e.field}: {e.reason} (or pass --special-tokens-in-content text)") from None

@@ -82,7 +82,8 @@ def generate(
     m, tok, info = load_for_inference(model, adapter)
     console.info(f"{info.describe}; {len(records)} prompts")
     started = time.time()
-    texts = generate(m, tok, [r["prompt"] for r in records], batch_size=batch_size, progress=True, **settings)
+    texts = generate(m, tok, [r["prompt"] for r in records], batch_size=batch_size, progress=True, chat=info.chat,
+                     **settings)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, "".join(json.dumps(completion_record(r, text), ensure_ascii=False) + "\n"
                                       for r, text in zip(records, texts)))  # never half a file under its name
@@ -141,7 +142,7 @@ def chat(
 
     def reply(messages: list[dict]) -> str:
         pieces = []
-        for piece in stream(m, tok, messages, **{**settings, "seed": seed + turns[0]}):
+        for piece in stream(m, tok, messages, chat=info.chat, **{**settings, "seed": seed + turns[0]}):
             console.out.print(piece, end="", markup=False, highlight=False)
             pieces.append(piece)
         console.out.print()

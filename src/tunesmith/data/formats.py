@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.messages import (_check_prompt, _check_response, _check_turns, _Ctx, _describe,
-                                     _maybe_json, _messages)
+                                     _maybe_json, _messages, canonical_reasoning)
 from tunesmith.data.readers import SUFFIXES, unsafe_value
 from tunesmith.data.schema import Message, Record, kind_of
 from tunesmith.errors import DataError, TunesmithError
@@ -66,9 +66,15 @@ _KNOWN = ("alpaca (instruction, output), prompt_response (prompt+completion, pro
 # Names a `columns:` mapping may target: canonical name -> source column.
 COLUMN_NAMES = ("prompt", "response", "completion", "instruction", "input", "output", "system",
                 "history", "messages", "conversations", "chosen", "rejected", "label", "text",
-                "tools", "question", "answer", "query")
+                "tools", "question", "answer", "query", "reasoning")
 
 _PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("query", "response"))
+# Distillation sets put the trace in its own column beside the prompt and the answer
+# (OpenThoughts: problem/deepseek_reasoning/deepseek_solution; reasoning-base-20k:
+# user/reasoning/assistant; many: question|problem + reasoning|thinking + answer|solution).
+REASONING_COLUMNS = ("reasoning", "reasoning_content", "thinking", "deepseek_reasoning")
+_REASONING_PAIRS = tuple((p, r) for p in ("prompt", "question", "problem", "query", "user")
+                         for r in ("completion", "response", "answer", "solution", "deepseek_solution", "assistant"))
 _CANONICAL_KEYS = {"sft": {"messages"}, "text": {"text"}, "preference": {"prompt", "chosen", "rejected"},
                    "unpaired": {"prompt", "completion", "label"}, "prompt": {"prompt"}}
 
@@ -163,13 +169,20 @@ def _prompt_part(ctx: _Ctx, raw: dict, key: str) -> tuple[list[Message], list[st
             ["system"] * len(sys_msgs) + hpaths + [key])
 
 
-def _response_part(ctx: _Ctx, raw: dict, key: str) -> tuple[list[Message], list[str]] | None:
+def _response_part(ctx: _Ctx, raw: dict, key: str, reasoning_column: bool = True) -> tuple[list[Message], list[str]] | None:
     """A response as a string (→ one assistant message), a message or a message list."""
     value = _as_messages(raw.get(key))
     if isinstance(value, (list, dict)):
         return _messages(ctx, value, key)
     text = _text(ctx, value, key)
-    return ([{"role": "assistant", "content": text}], [key]) if text is not None else None
+    if text is None:
+        return None
+    msg = {"role": "assistant", "content": text}
+    column = next((c for c in REASONING_COLUMNS if reasoning_column and raw.get(c) not in (None, "")), None)
+    if column is not None:
+        msg["reasoning"] = raw[column]
+    canonical_reasoning(ctx, msg, key, {"reasoning": column or "reasoning", "content": key})
+    return [msg], [key]
 
 
 def _label(ctx: _Ctx, value: Any, field: str) -> bool | None:
@@ -208,6 +221,10 @@ def _tools(ctx: _Ctx, raw: dict) -> list | None:
 # --- formats ------------------------------------------------------------------------
 
 
+def _pairs(keys: set) -> tuple:
+    return _PAIRS + _REASONING_PAIRS if keys & set(REASONING_COLUMNS) else _PAIRS
+
+
 def detect_format(raw: dict) -> str | None:
     """The source format of one raw record, by its keys (None if no format matches).
 
@@ -227,7 +244,7 @@ def detect_format(raw: dict) -> str | None:
         return "canonical" if _is_canonical(raw) else "unpaired"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
-    if any(p in keys and r in keys for p, r in _PAIRS):
+    if any(p in keys and r in keys for p, r in _pairs(keys)):
         return "prompt_response"
     if "text" in keys:
         return "text"
@@ -312,10 +329,11 @@ def _pair(ctx, raw, p, r):
     _check_prompt(ctx, *prompt)
     _check_response(ctx, prompt[0], *resp)
     label_key = "label" if "label" in raw else "kto_tag" if "kto_tag" in raw else None
+    used = {p, r, "system", "history", *REASONING_COLUMNS}
     if label_key:
         return ({"prompt": prompt[0], "completion": resp[0], "label": _label(ctx, raw[label_key], label_key)},
-                {p, r, "system", "history", label_key})
-    return {"messages": prompt[0] + resp[0]}, {p, r, "system", "history"}
+                used | {label_key})
+    return {"messages": prompt[0] + resp[0]}, used
 
 
 def _preference(ctx, raw, conv_key=None):
@@ -334,7 +352,7 @@ def _preference(ctx, raw, conv_key=None):
             ["system"] * bool(raw.get("system")) + ["instruction"])
     else:
         prompt = "implicit"
-    chosen, rejected = _response_part(ctx, raw, "chosen"), _response_part(ctx, raw, "rejected")
+    chosen, rejected = _response_part(ctx, raw, "chosen", False), _response_part(ctx, raw, "rejected", False)
     if chosen is None or rejected is None or prompt is None:
         return None
     if prompt == "implicit":
@@ -393,7 +411,7 @@ def _normalise(ctx: _Ctx, raw: dict, fmt: str, prompt_mode: bool):
         return None if out is None else (out[0], out[1] | {"instruction", "input"})
     if fmt in ("prompt_response", "unpaired"):
         keys = set(raw)
-        pair = next(((p, r) for p, r in _PAIRS if p in keys and r in keys), ("prompt", "completion"))
+        pair = next(((p, r) for p, r in _pairs(keys) if p in keys and r in keys), ("prompt", "completion"))
         if fmt == "unpaired" and not ({"label", "kto_tag"} & keys):
             ctx.err("label", "missing label; an unpaired (KTO) record needs label true or false", "missing_field")
             return None

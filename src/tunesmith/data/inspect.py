@@ -50,6 +50,20 @@ def _pieces(tokenizer, input_ids: list[int]) -> list[str]:
     return pieces
 
 
+def trained_spans(labels: list[int]) -> list[list[int]]:
+    """The ids of each run of consecutive trained positions (for ``data inspect --json``)."""
+    spans: list[list[int]] = []
+    prev = False
+    for label in labels:
+        trained = label != IGNORE_INDEX
+        if trained and not prev:
+            spans.append([])
+        if trained:
+            spans[-1].append(label)
+        prev = trained
+    return spans
+
+
 def token_summary(labels: list[int]) -> str:
     """One line: '42 tokens, 17 trained (40%), 25 ignored'."""
     n = len(labels)

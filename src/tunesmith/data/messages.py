@@ -56,6 +56,66 @@ def _maybe_json(value: Any) -> Any:
     return value
 
 
+# --- reasoning ----------------------------------------------------------------------
+
+# Message keys that hold an assistant's reasoning, in the order they are read: OpenAI-style
+# `reasoning_content` (DeepSeek, vLLM, Qwen3's template), `reasoning` (OpenRouter, Ollama),
+# `thinking` (gpt-oss's template, Anthropic exports).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+# Markers of a trace written at the start of the content: <think>…</think> (DeepSeek-R1,
+# QwQ, Qwen3, SmolLM3) and Bespoke-Stratos / OpenThoughts' <|begin_of_thought|> blocks.
+_MARKED = (("<think>", "</think>", None, None),
+           ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>"))
+
+
+def split_reasoning(content: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a content that starts with a marked trace — or that holds a
+    ``</think>`` with no opener, as R1 and QwQ write their output when the prompt opened the
+    block; (None, content) if it does not."""
+    text = content.lstrip()
+    if "</think>" in text and "<think>" not in text:
+        trace, rest = text.split("</think>", 1)
+        return trace.strip(), rest.strip()
+    for open_, close, sol_open, sol_close in _MARKED:
+        if text.startswith(open_) and close in text:
+            trace, rest = text[len(open_):].split(close, 1)
+            rest = rest.strip()
+            if sol_open and rest.startswith(sol_open):
+                rest = rest[len(sol_open):].split(sol_close, 1)[0].strip() if sol_close in rest else \
+                    rest[len(sol_open):].strip()
+            return trace.strip(), rest
+    return None, content
+
+
+def canonical_reasoning(ctx: "_Ctx", m: dict, path: str, names: dict[str, str] | None = None) -> None:
+    """Read an assistant message's reasoning into its one canonical field ``reasoning``.
+    ``names``: the source field of a key, where it is not ``path.key`` (a column)."""
+    names = names or {}
+    found = [(k, m.pop(k)) for k in REASONING_KEYS if k in m]
+    found = [(k, v) for k, v in found if v not in (None, "")]
+    for k, v in found:
+        if not isinstance(v, str):
+            name = names.get(k, f"{path}.{k}")
+            ctx.err(name, f"{name} is {_describe(v)}; reasoning must be a string", "type")
+            return
+    if m["role"] != "assistant":
+        if found:
+            ctx.err(f"{path}.{found[0][0]}", "only assistant messages carry reasoning; remove it from this "
+                    f"{m['role']} message", "reasoning")
+        return
+    inline, answer = split_reasoning(m.get("content") or "")
+    if inline is not None:
+        found.append(("content", inline))
+        m["content"] = answer
+    values = {v.strip() for _, v in found}
+    if len(values) > 1:
+        keys = " and ".join(names.get(k, f"{path}.{k}") for k, _ in found)
+        ctx.err(path, f"{keys} give two different reasoning traces; keep one", "reasoning")
+        return
+    if values and next(iter(values)):
+        m["reasoning"] = next(iter(values))
+
+
 # --- messages -----------------------------------------------------------------------
 
 
@@ -146,6 +206,7 @@ def _messages(ctx: _Ctx, value: Any, base: str) -> tuple[list[Message], list[str
                     "(multimodal content lists are not supported: join the text parts)", "type")
             continue
         msgs.append({"role": role, "content": content, **extra})
+        canonical_reasoning(ctx, msgs[-1], path)
         paths.append(path)
     return (msgs, paths) if ctx.n == before else None
 

@@ -54,6 +54,22 @@ def message(role: str, content: str, **extra: Any) -> Message:
     return m
 
 
+def as_prompt(record: Record, key: str = "reference") -> Record:
+    """An SFT record as a prompt record: the conversation up to its last assistant turn,
+    whose content lands in ``meta[key]`` (the reference answer of an eval, the ``answer``
+    column of GRPO's reward functions). Other kinds come back unchanged."""
+    if kind_of(record) != "sft":
+        return record
+    msgs = record["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    meta = dict(record.get("meta") or {})
+    meta.setdefault(key, msgs[last]["content"])
+    out: Record = {"prompt": msgs[:last], "meta": meta}
+    if record.get("tools"):
+        out["tools"] = record["tools"]
+    return out
+
+
 def unpair(record: Record) -> list[Record]:
     """A preference record → two "unpaired" records (chosen: label True, rejected: False),
     so paired data can train KTO (as TRL's ``unpair_preference_dataset``)."""

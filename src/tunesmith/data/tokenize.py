@@ -1,7 +1,7 @@
 """Chat template + label masks: THE label-masking contract of tunesmith.
 
 Everything downstream (batches, every training method, evaluation's loss suite) relies
-on what is written here and nowhere else.
+on what is written here and in ``render.py`` (which characters train), nowhere else.
 
 Labels
 ------
@@ -25,26 +25,21 @@ Prompt-only records (GRPO): prompt ids ending with the generation prompt, no lab
 
 How the assistant spans are found
 ---------------------------------
-Not from ``{% generation %}`` markers (stock templates lack them). The conversation is
-rendered prefix by prefix with ``apply_chat_template(tokenize=False)``; for assistant
-message ``i``: ``start = len(render(messages[:i], add_generation_prompt=True))`` and
-``end = len(render(messages[:i+1]))``. Both renders must be prefixes of the full
-render, else ``TunesmithError``: such a template rewrites earlier turns once later ones
-exist (e.g. Qwen3 strips ``<think>`` from old turns, Mistral v0.3 moves the system
-prompt to the last user turn) and no per-turn mask is well defined. The full text is
-then tokenized once (``add_special_tokens=False``: the template already has BOS where
-the model wants it) with offsets, and a token trains when its first character lies in
-a span. A token that straddles a span's start stays -100 (rare: tokenizers split at
-special tokens and newlines, which is where templates put turn boundaries).
+Not from ``{% generation %}`` markers (stock templates lack them): ``data/render.py`` reads
+them from the template itself and gives, per training sequence, its text and the character
+spans that train — each assistant turn as the model produces it after the generation prompt
+it is given at inference. One sequence per conversation where the template only appends
+("append"), one per assistant turn where it rewrites history ("per-turn"; ``render.py``
+says why and how). The text is tokenized once (``add_special_tokens=False``: the template
+already has BOS where the model wants it) with offsets, and a token trains when its first
+character lies in a span; a per-turn sequence's prompt is encoded on its own, so its ids are
+exactly ``tokenize_prompt``'s. A token that straddles a span's start stays -100 (rare:
+tokenizers split at special tokens and newlines, which is where templates put turn
+boundaries). ``tokenize_conversation`` returns every sequence of a conversation (and the
+mode); ``tokenize_messages`` / ``tokenize_record`` are the one-sequence forms.
 
-Tools: ``tools=`` is passed to the template when it mentions ``tools``; otherwise the
-tool list is appended to the system message (created if absent) as JSON lines inside
-``# Tools\\n\\n<tools>...</tools>``. Assistant ``tool_calls`` are passed to templates
-that render them (``"tool_calls"`` in the source: Qwen2.5, Llama-3.1), with string
-arguments parsed to dicts; for the others they are written into the content as
-``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`` (one block per call,
-after any text), so they train like any assistant text. Tool-role messages go through
-the template as they are (a template that rejects them raises ``TunesmithError``).
+Tools, tool calls and reasoning are put where the template takes them, or adapted
+(``render.py``: "Reasoning", "Adapting a conversation to a template").
 
 Special tokens inside content (``special_tokens_in_content``)
 --------------------------------------------------------------
@@ -82,8 +77,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2.exceptions import TemplateError
-
+from tunesmith.data import render
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions, accepts_tools, renders_tool_calls  # noqa: F401
 from tunesmith.data.schema import Message, Record, kind_of
 from tunesmith.errors import TunesmithError
 
@@ -127,66 +122,6 @@ class UnpairedExample:
     completion: TokenizedExample  # prompt + completion, only the completion trains
     prompt_len: int  # the first prompt_len ids are the (possibly left-truncated) prompt
     desirable: bool
-
-
-# -- rendering -----------------------------------------------------------------------
-
-
-def _template_text(tokenizer) -> str:
-    """The Jinja text of the tokenizer's chat template ('' when it has none)."""
-    t = tokenizer.chat_template
-    if isinstance(t, dict):  # a few tokenizers ship {"default": ..., "tool_use": ...}
-        t = t.get("default") or next(iter(t.values()), "")
-    return t or ""
-
-
-def renders_tool_calls(tokenizer) -> bool:
-    """Whether the template itself renders assistant ``tool_calls`` (Qwen2.5, Llama-3.1 do)."""
-    return "tool_calls" in _template_text(tokenizer)
-
-
-def accepts_tools(tokenizer) -> bool:
-    """Whether the template renders a ``tools=`` list (it mentions ``tools``)."""
-    return "tools" in _template_text(tokenizer)
-
-
-def _arguments(args: Any) -> Any:
-    if isinstance(args, str):
-        try:
-            return json.loads(args)
-        except (json.JSONDecodeError, RecursionError):
-            return args
-    return args
-
-
-def _call(call: dict) -> dict:
-    fn = call.get("function", call)
-    return {"name": fn["name"], "arguments": _arguments(fn.get("arguments", {}))}
-
-
-def _prepare(messages: list[Message], tools: list[dict] | None, tokenizer) -> tuple[list[Message], Any]:
-    """Messages and tools as this template can render them (see "Tools" above)."""
-    native_calls = renders_tool_calls(tokenizer)
-    out = []
-    for m in messages:
-        m = dict(m)
-        if m.get("content") is None:
-            m["content"] = ""
-        calls = m.pop("tool_calls", None)
-        if calls and native_calls:
-            m["tool_calls"] = [{"type": "function", "function": _call(c)} for c in calls]
-        elif calls:
-            blocks = "\n".join(f"<tool_call>\n{json.dumps(_call(c))}\n</tool_call>" for c in calls)
-            m["content"] = f"{m['content']}\n{blocks}" if m["content"] else blocks
-        out.append(m)
-    if tools and not accepts_tools(tokenizer):
-        block = "# Tools\n\n<tools>\n" + "\n".join(json.dumps(t) for t in tools) + "\n</tools>"
-        if out and out[0]["role"] == "system":
-            out[0]["content"] = f"{out[0]['content']}\n\n{block}"
-        else:
-            out.insert(0, {"role": "system", "content": block})
-        tools = None
-    return out, (tools or None)
 
 
 # -- special tokens inside content ------------------------------------------------------
@@ -293,46 +228,6 @@ def _as_text(record: Record, tokenizer, special_tokens_in_content: str) -> _AsTe
     return _AsText(tokenizer)
 
 
-def _render(tokenizer, messages: list[Message], tools, generation_prompt: bool) -> str:
-    if not tokenizer.chat_template:
-        raise TunesmithError("the tokenizer has no chat template; call models.templates.ensure_chat_template first")
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except (TemplateError, ValueError) as e:
-        roles = [m["role"] for m in messages]
-        raise TunesmithError(f"the chat template cannot render a conversation with roles {roles}: {e}") from e
-
-
-def _check_prefix(full: str, part: str, what: str) -> None:
-    if not full.startswith(part):
-        at = next((k for k, (a, b) in enumerate(zip(full, part)) if a != b), min(len(full), len(part)))
-        raise TunesmithError(
-            f"the chat template is not prefix-stable: {what} is not a prefix of the whole "
-            f"conversation (they differ at character {at}: {part[at:at + 40]!r} vs "
-            f"{full[at:at + 40]!r}), so assistant turns cannot be masked; this template "
-            "rewrites earlier turns when later ones exist — use a model whose template does not, "
-            "or flatten the conversation into one prompt and response"
-        )
-
-
-def _spans(tokenizer, messages: list[Message], tools, first: int = 0, last_only: bool = False):
-    """(full text, [(start, end)] character spans of assistant messages with index >= first)."""
-    full = _render(tokenizer, messages, tools, False)
-    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
-    if last_only:
-        idx = idx[-1:]
-    spans = []
-    for i in idx:
-        before = _render(tokenizer, messages[:i], tools, True)
-        upto = _render(tokenizer, messages[: i + 1], tools, False)
-        _check_prefix(full, before, f"the render of messages[:{i}] with the generation prompt")
-        _check_prefix(full, upto, f"the render of messages[:{i + 1}]")
-        spans.append((len(before), len(upto)))
-    return full, spans
-
-
 def _encode_piece(tokenizer, piece: str, first: bool, as_text: bool = False):
     split = {"split_special_tokens": True} if as_text else {}
 
@@ -351,11 +246,12 @@ def _encode_piece(tokenizer, piece: str, first: bool, as_text: bool = False):
     return enc(piece)
 
 
-def _encode(tokenizer, text: str, shift: int = 0, keep: _AsText | None = None
+def _encode(tokenizer, text: str, shift: int = 0, keep: _AsText | None = None, first: bool = True
             ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids and character offsets (+ shift); with ``keep``, ``text`` is marked (see _AsText)."""
+    """Ids and character offsets (+ shift); with ``keep``, ``text`` is marked (see _AsText).
+    ``first=False``: ``text`` continues a sequence (no word-start marker at its start)."""
     if keep is None:
-        ids, offsets = _encode_piece(tokenizer, text, first=True)
+        ids, offsets = _encode_piece(tokenizer, text, first=first)
         return ids, [(s + shift, e + shift) for s, e in offsets]
     text, ranges = keep.restore(text)
     bounds = sorted({0, len(text), *(x for r in ranges for x in r)})
@@ -363,8 +259,8 @@ def _encode(tokenizer, text: str, shift: int = 0, keep: _AsText | None = None
     ids, offsets = [], []
     for a, b in zip(bounds, bounds[1:]):
         piece = text[a:b]
-        p_ids, p_offs = keep.encode(tokenizer, piece, a == 0) if (a, b) in plain else \
-            _encode_piece(tokenizer, piece, a == 0)
+        p_ids, p_offs = keep.encode(tokenizer, piece, first and a == 0) if (a, b) in plain else \
+            _encode_piece(tokenizer, piece, first and a == 0)
         ids += p_ids
         offsets += [(s + a + shift, e + a + shift) for s, e in p_offs]
     return ids, offsets
@@ -408,7 +304,66 @@ def _right_truncate(ids, labels, max_length, on_overflow) -> TokenizedExample | 
     return TokenizedExample(ids, labels, n, trained, full, truncated)
 
 
-def tokenize_messages(
+@dataclass
+class TokenizedConversation:
+    """One SFT conversation as its training sequences (``render.conversation``: append or per-turn)."""
+
+    examples: list[TokenizedExample]
+    mode: str  # "append": one sequence; "per-turn": one per trained assistant turn
+    n_tokens_single: int  # tokens of the whole conversation as one sequence (the cost's "before")
+    adapted: tuple[str, ...] = ()
+    dropped_turns: int = 0  # per-turn sequences whose trained tokens max_length cut entirely
+
+
+@dataclass
+class Formatting:
+    """What the chat template's modes cost a dataset: records → sequences, tokens before → after."""
+
+    records: int = 0
+    per_turn: int = 0  # conversations the template's history rewriting split into one sequence per turn
+    sequences: int = 0
+    tokens_single: int = 0  # tokens had every conversation been one sequence
+    tokens: int = 0  # tokens of the sequences that train
+
+    def add(self, conv: TokenizedConversation) -> None:
+        self.records += 1
+        self.per_turn += conv.mode == "per-turn"
+        self.sequences += len(conv.examples)
+        self.tokens_single += conv.n_tokens_single
+        self.tokens += sum(len(e.input_ids) for e in conv.examples)
+
+    def summary(self) -> str:
+        """'append (one sequence per conversation)' or the per-turn cost, in one phrase."""
+        if not self.per_turn:
+            return "append (one sequence per conversation)"
+        return (f"per-turn for {self.per_turn} of {self.records} conversations (the template rewrites earlier turns): "
+                f"{self.records} → {self.sequences} sequences, {self.tokens_single} → {self.tokens} tokens")
+
+    def to_dict(self) -> dict:
+        return {"mode": "per-turn" if self.per_turn else "append", "records": self.records,
+                "per_turn_records": self.per_turn, "sequences": self.sequences,
+                "tokens_single": self.tokens_single, "tokens": self.tokens}
+
+
+def _marked(record: Record, tokenizer, special_tokens_in_content: str):
+    """(keeper or None, the record's messages/tools with special tokens marked when kept as text)."""
+    keep = _as_text(record, tokenizer, special_tokens_in_content)
+    return keep, (record if keep is None else keep.mark(record))
+
+
+def _sequence(tokenizer, text: str, spans, prompt_chars: int, keep) -> tuple[list[int], list[int]]:
+    """ids and labels of one sequence; a per-turn sequence's prompt is encoded on its own, so its
+    ids are exactly the ids the model is given at inference."""
+    if prompt_chars:
+        p_ids, p_offs = _encode(tokenizer, text[:prompt_chars], keep=keep)
+        c_ids, c_offs = _encode(tokenizer, text[prompt_chars:], shift=prompt_chars, keep=keep, first=False)
+        ids, offsets = p_ids + c_ids, p_offs + c_offs
+    else:
+        ids, offsets = _encode(tokenizer, text, keep=keep)
+    return ids, _labels(ids, offsets, spans)
+
+
+def tokenize_conversation(
     messages: list[Message],
     tokenizer,
     *,
@@ -417,24 +372,58 @@ def tokenize_messages(
     train_on: str = "assistant",
     on_overflow: str = "error",
     special_tokens_in_content: str = "error",
-) -> TokenizedExample | None:
-    """One conversation → ids and labels (see the module docstring for the contract)."""
+    chat: ChatOptions = DEFAULT_OPTIONS,
+) -> TokenizedConversation | None:
+    """One conversation → its training sequences (None: every trained token cut, on_overflow drop)."""
     _check_options(train_on, on_overflow)
-    keep = _as_text({"messages": messages, "tools": tools}, tokenizer, special_tokens_in_content)
-    msgs, tools = _prepare(messages, tools, tokenizer)
-    if keep is not None:
-        msgs, tools = keep.mark(msgs), keep.mark(tools)
+    keep, rec = _marked({"messages": messages, "tools": tools}, tokenizer, special_tokens_in_content)
     if train_on == "all":
-        full = _render(tokenizer, msgs, tools, False)
+        adapt = render.adaptation(rec["messages"], rec["tools"], tokenizer, chat)
+        msgs, tls, _ = render.prepare(rec["messages"], rec["tools"], tokenizer, chat, adapt)
+        full = render.render(tokenizer, msgs, tls, False, chat)
+        _check_all(rec["messages"], full, chat)
         ids, _ = _encode(tokenizer, full, keep=keep)
-        labels = list(ids)
-    else:
-        full, spans = _spans(tokenizer, msgs, tools, last_only=train_on == "last")
-        if not spans:
-            raise TunesmithError("a conversation has no assistant message to train on")
-        ids, offsets = _encode(tokenizer, full, keep=keep)
-        labels = _labels(ids, offsets, spans)
-    return _right_truncate(ids, labels, max_length, on_overflow)
+        ex = _right_truncate(ids, list(ids), max_length, on_overflow)
+        return None if ex is None else TokenizedConversation([ex], "append", len(ids), tuple(sorted(adapt)))
+    rendered = render.conversation(rec["messages"], rec["tools"], tokenizer, chat, last_only=train_on == "last")
+    examples = []
+    for text, spans, prompt_chars in rendered.sequences:
+        ids, labels = _sequence(tokenizer, text, spans, prompt_chars, keep)
+        ex = _right_truncate(ids, labels, max_length, on_overflow)
+        if ex is not None:
+            examples.append(ex)
+    if not examples:
+        return None
+    dropped = len(rendered.sequences) - len(examples)
+    single = len(examples[0].input_ids) if rendered.mode == "append" and not examples[0].truncated else \
+        len(_encode(tokenizer, rendered.full, keep=keep)[0])
+    return TokenizedConversation(examples, rendered.mode, single, rendered.adapted, dropped)
+
+
+def _check_all(messages: list[Message], full: str, chat: ChatOptions) -> None:
+    """train_on: all trains the conversation as the template renders it whole: refused where
+    that would lose or train a trace against data.reasoning."""
+    traced = [i for i, m in enumerate(messages) if m.get("reasoning") and chat.reasoning != "drop"]
+    if traced and chat.reasoning == "answer_only":
+        raise TunesmithError("data.train_on: all trains every token, so data.reasoning: answer_only cannot keep the "
+                             "traces as context; use train_on: assistant, or reasoning: train or drop")
+    lost = next((i for i in traced if messages[i]["reasoning"].strip() not in full), None)
+    if lost is not None:
+        raise TunesmithError(f"data.train_on: all trains the conversation as the chat template renders it whole, "
+                             f"which drops the reasoning of message {lost}; use train_on: assistant (each turn as "
+                             "the model produces it), or data.reasoning: drop")
+
+
+def tokenize_messages(messages: list[Message], tokenizer, **kw) -> TokenizedExample | None:
+    """A conversation that is one training sequence (keywords as ``tokenize_conversation``);
+    a history-rewriting template's multi-turn conversation is several: use that function."""
+    conv = tokenize_conversation(messages, tokenizer, **kw)
+    if conv is None:
+        return None
+    if len(conv.examples) > 1:
+        raise TunesmithError(f"this conversation is {len(conv.examples)} training sequences under this chat template "
+                             "(it rewrites earlier turns); use tokenize_conversation")
+    return conv.examples[0]
 
 
 def tokenize_text(text: str, tokenizer, *, max_length=None, on_overflow="error",
@@ -451,12 +440,11 @@ def tokenize_text(text: str, tokenizer, *, max_length=None, on_overflow="error",
 # -- prompt + responses: truncate the prompt from the left first -----------------------
 
 
-def _prompt_ids(tokenizer, prompt: list[Message], tools, keep: _AsText | None = None
-                ) -> tuple[str, list[int], int]:
+def _prompt_ids(tokenizer, prompt: list[Message], tools, keep: _AsText | None = None,
+                chat: ChatOptions = DEFAULT_OPTIONS, adapt: frozenset | None = None) -> tuple[str, list[int], int]:
     """(prompt text with generation prompt, its ids, tokens to keep at least when cut)."""
-    text = _render(tokenizer, prompt, tools, True)
+    text, bare = render.prompt_text(prompt, tools, tokenizer, chat, adapt)
     ids, offsets = _encode(tokenizer, text, keep=keep)
-    bare = _render(tokenizer, prompt, tools, False)
     # Mistral's generation prompt is implicit (bare == text): keep at least 1 token then.
     n_gen = sum(s >= len(bare) for s, _ in offsets) if text.startswith(bare) else 0
     has_bos = bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
@@ -472,22 +460,35 @@ def _left_truncate(ids: list[int], keep: int, bos_id) -> list[int]:
     return ids[len(ids) - keep:] if keep > 0 else []
 
 
-def _prepared(messages, tools, tokenizer, keep: _AsText | None):
-    msgs, tools = _prepare(messages, tools, tokenizer)
-    return (msgs, tools) if keep is None else (keep.mark(msgs), keep.mark(tools))
+def _response(prompt, resp, tools, tokenizer, chat, adapt, text: str) -> tuple[str, list[tuple[int, int]]]:
+    """(the response's text after the prompt ``text``, its trained spans in prompt + response)."""
+    ts, full, _ = render.turns(list(prompt) + list(resp), tools, tokenizer, chat, first=len(prompt), adapt=adapt)
+    if not ts:
+        raise TunesmithError("a response has no assistant message to train on")
+    if len(ts) == 1:
+        seq = ts[0].prompt + ts[0].text
+    elif all(full.startswith(t.prompt + t.text) for t in ts):
+        seq = full
+    else:
+        raise TunesmithError("a response of several assistant turns is rendered differently once later turns exist "
+                             "under this chat template, so it is not one sequence; keep one assistant turn per "
+                             "response")
+    if not seq.startswith(text):
+        raise TunesmithError("the chat template renders the prompt differently once a response follows it, so "
+                             "chosen and rejected cannot share the prompt tokens; set data.chat_template")
+    spans = [(len(t.prompt) + t.context, len(t.prompt) + len(t.text)) for t in ts]
+    return seq[len(text):], spans
 
 
-def _prompt_responses(prompt, responses, tokenizer, tools, max_length, on_overflow, keep=None):
+def _prompt_responses(prompt, responses, tokenizer, tools, max_length, on_overflow, keep=None,
+                      chat: ChatOptions = DEFAULT_OPTIONS):
     """Shared prompt ids + one TokenizedExample per response (None when refused)."""
-    msgs_p, tools_p = _prepared(prompt, tools, tokenizer, keep)
-    text, p_ids, keep_min = _prompt_ids(tokenizer, msgs_p, tools_p, keep)
+    adapt = frozenset().union(*(render.adaptation(list(prompt) + list(r), tools, tokenizer, chat) for r in responses))
+    text, p_ids, keep_min = _prompt_ids(tokenizer, prompt, tools, keep, chat, adapt)
     parts = []
     for resp in responses:
-        msgs, tools_r = _prepared(list(prompt) + list(resp), tools, tokenizer, keep)
-        first = len(msgs) - len(resp)  # _prepare may insert a system message at the front
-        full, spans = _spans(tokenizer, msgs, tools_r, first=first)
-        _check_prefix(full, text, "the render of the prompt with the generation prompt")
-        ids, offsets = _encode(tokenizer, full[len(text):], shift=len(text), keep=keep)
+        tail, spans = _response(prompt, resp, tools, tokenizer, chat, adapt, text)
+        ids, offsets = _encode(tokenizer, tail, shift=len(text), keep=keep, first=False)
         labels = _labels(ids, offsets, spans)
         if not _n_trained(labels):
             raise TunesmithError("a response has no assistant message to train on")
@@ -509,15 +510,13 @@ def _prompt_responses(prompt, responses, tokenizer, tools, max_length, on_overfl
 
 def tokenize_preference(
     record: Record, tokenizer, *, max_length: int | None = None, on_overflow: str = "error",
-    special_tokens_in_content: str = "error",
+    special_tokens_in_content: str = "error", chat: ChatOptions = DEFAULT_OPTIONS,
 ) -> PreferenceExample | None:
     """A preference record → chosen and rejected sharing the same prompt tokens."""
     _check_options("assistant", on_overflow)
-    keep = _as_text(record, tokenizer, special_tokens_in_content)
-    kept, exs = _prompt_responses(
-        record["prompt"], [record["chosen"], record["rejected"]], tokenizer, record.get("tools"),
-        max_length, on_overflow, keep,
-    )
+    keep, rec = _marked(record, tokenizer, special_tokens_in_content)
+    kept, exs = _prompt_responses(rec["prompt"], [rec["chosen"], rec["rejected"]], tokenizer, rec.get("tools"),
+                                  max_length, on_overflow, keep, chat)
     if exs is None:
         return None
     return PreferenceExample(chosen=exs[0], rejected=exs[1], prompt_len=len(kept))
@@ -525,26 +524,31 @@ def tokenize_preference(
 
 def tokenize_unpaired(
     record: Record, tokenizer, *, max_length: int | None = None, on_overflow: str = "error",
-    special_tokens_in_content: str = "error",
+    special_tokens_in_content: str = "error", chat: ChatOptions = DEFAULT_OPTIONS,
 ) -> UnpairedExample | None:
     """An "unpaired" record (prompt, completion, label) → its example and prompt length,
     for KTO (which pairs prompts with other records' completions for its KL estimate)."""
     _check_options("assistant", on_overflow)
-    keep = _as_text(record, tokenizer, special_tokens_in_content)
-    kept, exs = _prompt_responses(record["prompt"], [record["completion"]], tokenizer, record.get("tools"),
-                                  max_length, on_overflow, keep)
+    keep, rec = _marked(record, tokenizer, special_tokens_in_content)
+    kept, exs = _prompt_responses(rec["prompt"], [rec["completion"]], tokenizer, rec.get("tools"),
+                                  max_length, on_overflow, keep, chat)
     if exs is None:
         return None
     return UnpairedExample(completion=exs[0], prompt_len=len(kept), desirable=bool(record["label"]))
 
 
-def tokenize_prompt(messages: list[Message], tokenizer, *, tools: list[dict] | None = None) -> list[int]:
-    """Prompt ids ending with the generation prompt, for generation and GRPO."""
-    msgs, tools = _prepare(messages, tools, tokenizer)
-    return _encode(tokenizer, _render(tokenizer, msgs, tools, True))[0]
+def tokenize_prompt(messages: list[Message], tokenizer, *, tools: list[dict] | None = None,
+                    chat: ChatOptions = DEFAULT_OPTIONS, special_tokens_in_content: str | None = None) -> list[int]:
+    """Prompt ids ending with the generation prompt, for generation and GRPO.
+    ``special_tokens_in_content`` as in training ("error", "text"); None reads the prompt's
+    text as the tokenizer does (a special token written in it becomes that token)."""
+    if special_tokens_in_content is None:
+        return _encode(tokenizer, render.prompt_text(messages, tools, tokenizer, chat)[0])[0]
+    keep, rec = _marked({"prompt": messages, "tools": tools}, tokenizer, special_tokens_in_content)
+    return _encode(tokenizer, render.prompt_text(rec["prompt"], rec["tools"], tokenizer, chat)[0], keep=keep)[0]
 
 
-def tokenize_record(
+def tokenize_sequences(
     record: Record,
     tokenizer,
     *,
@@ -552,32 +556,52 @@ def tokenize_record(
     train_on: str = "assistant",
     on_overflow: str = "error",
     special_tokens_in_content: str = "error",
-) -> TokenizedExample | None:
-    """Any non-preference canonical record → one TokenizedExample (None when dropped).
+    chat: ChatOptions = DEFAULT_OPTIONS,
+) -> list[TokenizedExample] | None:
+    """Any non-preference canonical record → its training sequences (None when dropped).
 
-    "text", "sft", "unpaired" (prompt + completion; the completion trains) and
-    "prompt" (ids only, all labels -100, left-truncated). Preference records go
-    through ``tokenize_preference``.
+    "text", "unpaired" (prompt + completion; the completion trains) and "prompt" (ids
+    only, all labels -100, left-truncated) are one sequence; "sft" is one per conversation
+    or, under a history-rewriting template, one per trained assistant turn
+    (``render.py``). Preference records go through ``tokenize_preference``.
     """
     _check_options(train_on, on_overflow)
     kind = kind_of(record)
-    tools = record.get("tools")
     special = dict(special_tokens_in_content=special_tokens_in_content)
-    if kind == "text":
-        return tokenize_text(record["text"], tokenizer, max_length=max_length, on_overflow=on_overflow, **special)
     if kind == "sft":
-        return tokenize_messages(
-            record["messages"], tokenizer, tools=tools, max_length=max_length, train_on=train_on,
-            on_overflow=on_overflow, **special,
-        )
-    if kind == "unpaired":
-        ex = tokenize_unpaired(record, tokenizer, max_length=max_length, on_overflow=on_overflow, **special)
-        return ex.completion if ex else None
-    if kind == "prompt":
-        keep = _as_text(record, tokenizer, special_tokens_in_content)
-        msgs, tools = _prepared(record["prompt"], tools, tokenizer, keep)
-        _, ids, _ = _prompt_ids(tokenizer, msgs, tools, keep)
+        conv = tokenize_conversation(record["messages"], tokenizer, tools=record.get("tools"), max_length=max_length,
+                                     train_on=train_on, on_overflow=on_overflow, chat=chat, **special)
+        return None if conv is None else conv.examples
+    if kind == "text":
+        ex = tokenize_text(record["text"], tokenizer, max_length=max_length, on_overflow=on_overflow, **special)
+    elif kind == "unpaired":
+        u = tokenize_unpaired(record, tokenizer, max_length=max_length, on_overflow=on_overflow, chat=chat, **special)
+        ex = u.completion if u else None
+    elif kind == "prompt":
+        keep, rec = _marked(record, tokenizer, special_tokens_in_content)
+        _, ids, _ = _prompt_ids(tokenizer, rec["prompt"], rec.get("tools"), keep, chat)
         # max_length is a hard limit for generation, so it wins over keep_min here.
         kept = _left_truncate(ids, max_length, tokenizer.bos_token_id) if max_length else ids
-        return TokenizedExample(kept, [IGNORE_INDEX] * len(kept), len(ids), 0, 0, len(kept) < len(ids))
-    raise TunesmithError(f"tokenize_record cannot take a {kind!r} record; use tokenize_preference")
+        ex = TokenizedExample(kept, [IGNORE_INDEX] * len(kept), len(ids), 0, 0, len(kept) < len(ids))
+    else:
+        raise TunesmithError(f"tokenize_sequences cannot take a {kind!r} record; use tokenize_preference")
+    return None if ex is None else [ex]
+
+
+def tokenize_training(record: Record, tokenizer, **kw) -> TokenizedConversation | None:
+    """An SFT or text record as ``tokenize_conversation`` reports it (keywords as ``tokenize_sequences``)."""
+    if kind_of(record) == "sft":
+        return tokenize_conversation(record["messages"], tokenizer, tools=record.get("tools"), **kw)
+    exs = tokenize_sequences(record, tokenizer, **kw)
+    return None if exs is None else TokenizedConversation(exs, "append", exs[0].n_tokens)
+
+
+def tokenize_record(record: Record, tokenizer, **kw) -> TokenizedExample | None:
+    """A record that is one training sequence (keywords as ``tokenize_sequences``)."""
+    exs = tokenize_sequences(record, tokenizer, **kw)
+    if exs is None:
+        return None
+    if len(exs) > 1:
+        raise TunesmithError(f"this record is {len(exs)} training sequences under this chat template (it rewrites "
+                             "earlier turns); use tokenize_sequences")
+    return exs[0]

@@ -50,9 +50,12 @@ class TokenStats:
     truncated: int = 0  # records longer than max_length
     trained_tokens_lost: int = 0  # trained tokens at positions >= max_length (right cut, estimate)
     zero_trained: list[int] = field(default_factory=list)  # lines of records that train nothing
+    formatting: Any = None  # data.tokenize.Formatting of SFT conversations: append or per-turn, and its cost
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["formatting"] = self.formatting.to_dict() if self.formatting is not None else None
+        return out
 
 
 @dataclass
@@ -66,6 +69,12 @@ class FileReport:
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (line, line of first occurrence)
     tokens: TokenStats | None = None
     entries: list[tuple[int, Record]] = field(default_factory=list, repr=False)
+
+    @property
+    def reasoning_turns(self) -> int:
+        """Assistant messages that carry a reasoning trace (the canonical ``reasoning`` field)."""
+        return sum(1 for _, rec in self.entries for k in ("messages", "prompt", "chosen", "rejected", "completion")
+                   for m in (rec.get(k) if isinstance(rec.get(k), list) else ()) if m.get("reasoning"))
 
     @property
     def ok(self) -> bool:
@@ -87,6 +96,7 @@ class FileReport:
             "records": self.records, "valid": self.valid, "problems": dict(self.problems()),
             "errors": [d(e) for e in self.errors], "warnings": [d(e) for e in self.warnings],
             "duplicates": [{"line": a, "first": b} for a, b in self.duplicates],
+            "reasoning_turns": self.reasoning_turns,
             "tokens": self.tokens.to_dict() if self.tokens else None,
         }
 
@@ -117,8 +127,8 @@ def _dedupe_key(rec: Record) -> str:
 
 
 def check_file(path: str | Path, *, format: str | None = None, columns: dict[str, str] | None = None,
-               tokenizer=None, max_length: int | None = None, special_tokens_in_content: str = "error"
-               ) -> FileReport:
+               tokenizer=None, max_length: int | None = None, special_tokens_in_content: str = "error",
+               chat=None) -> FileReport:
     """Read, normalise and validate one file; every problem lands in the report."""
     rep = FileReport(str(path))
     try:
@@ -138,7 +148,7 @@ def check_file(path: str | Path, *, format: str | None = None, columns: dict[str
             rep.warnings.append(RecordProblem(rep.file, line, "", f"duplicate of the record at {unit} {first}",
                                               "duplicate"))
     if tokenizer is not None:
-        rep.tokens = token_stats(rep, tokenizer, max_length, special_tokens_in_content)
+        rep.tokens = token_stats(rep, tokenizer, max_length, special_tokens_in_content, chat)
     rep.errors.sort(key=lambda e: (e.line is not None, e.line or 0))
     return rep
 
@@ -148,37 +158,50 @@ def check_files(paths: Iterable[str | Path], **kw: Any) -> Report:
     return Report([check_file(p, **kw) for p in paths])
 
 
-def _tokenize(rec: Record, tokenizer, max_length: int | None, special: str = "error") -> list | None:
-    """The record's sequences as training tokenizes them (None: all trained tokens cut)."""
-    from tunesmith.data.tokenize import tokenize_preference, tokenize_record
+def _tokenize(rec: Record, tokenizer, max_length: int | None, special: str = "error", chat=None):
+    """(the record's sequences as training tokenizes them or None when all trained tokens are
+    cut, the SFT conversation's TokenizedConversation or None)."""
+    from tunesmith.data.render import DEFAULT_OPTIONS
+    from tunesmith.data.tokenize import tokenize_preference, tokenize_sequences, tokenize_training
 
-    if kind_of(rec) == "preference":
+    chat = chat or DEFAULT_OPTIONS
+    kind = kind_of(rec)
+    if kind == "preference":
         pe = tokenize_preference(rec, tokenizer, max_length=max_length, on_overflow="drop",
-                                 special_tokens_in_content=special)
-        return None if pe is None else [pe.chosen, pe.rejected]
-    ex = tokenize_record(rec, tokenizer, max_length=max_length, on_overflow="drop", special_tokens_in_content=special)
-    return None if ex is None else [ex]
+                                 special_tokens_in_content=special, chat=chat)
+        return (None if pe is None else [pe.chosen, pe.rejected]), None
+    if kind in ("sft", "text"):
+        conv = tokenize_training(rec, tokenizer, max_length=max_length, on_overflow="drop",
+                                 special_tokens_in_content=special, chat=chat)
+        return (None, None) if conv is None else (conv.examples, conv)
+    return tokenize_sequences(rec, tokenizer, max_length=max_length, on_overflow="drop",
+                              special_tokens_in_content=special, chat=chat), None
 
 
-def token_stats(rep: FileReport, tokenizer, max_length: int | None, special: str = "error") -> TokenStats:
+def token_stats(rep: FileReport, tokenizer, max_length: int | None, special: str = "error", chat=None) -> TokenStats:
     """Token-length distribution and the cost of ``max_length``; template problems become errors.
 
     The cost is measured by tokenizing as training does: SFT loses tokens from the right,
-    preference and unpaired records lose prompt tokens from the left first."""
-    from tunesmith.data.tokenize import SpecialTokenError
+    preference and unpaired records lose prompt tokens from the left first. A conversation
+    under a history-rewriting template counts its longest per-turn sequence, and the file's
+    ``formatting`` says what the per-turn mode costs."""
+    from tunesmith.data.tokenize import Formatting, SpecialTokenError
 
     st = TokenStats(max_length)
     lengths = []
+    formatting = Formatting()
     for line, rec in rep.entries:
         try:  # untruncated first, so the report sees the full lengths
-            exs = _tokenize(rec, tokenizer, None, special)
-            cut = _tokenize(rec, tokenizer, max_length, special) if max_length is not None else exs
+            exs, conv = _tokenize(rec, tokenizer, None, special, chat)
+            cut = _tokenize(rec, tokenizer, max_length, special, chat)[0] if max_length is not None else exs
         except SpecialTokenError as e:
             rep.errors.append(RecordProblem(rep.file, line, e.field, e.reason, "special_token"))
             continue
         except TunesmithError as e:
             rep.errors.append(RecordProblem(rep.file, line, "", str(e), "template"))
             continue
+        if conv is not None and kind_of(rec) == "sft":
+            formatting.add(conv)
         n = max(ex.n_tokens for ex in exs)
         lengths.append(n)
         full = sum(ex.n_trained_full for ex in exs)
@@ -193,6 +216,7 @@ def token_stats(rep: FileReport, tokenizer, max_length: int | None, special: str
                    f"every trained token lies beyond max_length {max_length}; raise max_length or "
                    "shorten the prompt")
             rep.errors.append(RecordProblem(rep.file, line, "", why, "zero_trained"))
+    st.formatting = formatting if formatting.records else None
     if lengths:
         s = sorted(lengths)
         st.count, st.min, st.max = len(s), s[0], s[-1]
@@ -322,6 +346,10 @@ def render_report(report: Report, *, limit: int = 20):
                 tab.add_column(col, justify="right")
             tab.add_row("", str(t.min), f"{t.median:g}", str(t.p95), str(t.max), str(t.trained_tokens))
             parts.append(tab)
+            if f.reasoning_turns:
+                parts.append(Text(f"  reasoning: {f.reasoning_turns} assistant turn(s) carry a trace"))
+            if t.formatting is not None:
+                parts.append(Text(f"  chat template mode: {t.formatting.summary()}"))
             if t.max_length is not None:
                 parts.append(Text(f"  max_length {t.max_length}: {t.truncated} record(s) truncated, "
                                   f"{t.trained_tokens_lost} trained token(s) lost; "

@@ -188,12 +188,17 @@ def outputs_table(result: dict, suite: str, max_items: int = 10) -> Table:
     """Outputs side by side, one row per prompt (unscored prompt suites)."""
     labels = [m["label"] for m in result["models"]]
     table = Table(title=f"{suite}: outputs side by side", title_justify="left")
+    prompts = result["prompts"][suite]
+    refs = any("reference" in p for p in prompts)  # SFT records as prompts: their answers beside the outputs
     table.add_column("prompt", overflow="fold")
+    if refs:
+        table.add_column("reference", overflow="fold")
     for label in labels:
         table.add_column(label, overflow="fold")
     outs = [result["outputs"][suite][label] for label in labels]
-    for i, p in enumerate(result["prompts"][suite][:max_items]):
-        table.add_row(Text(_clip(p["prompt"], 60)), *(Text(_clip(o[i], 80)) for o in outs))
+    for i, p in enumerate(prompts[:max_items]):
+        ref = [Text(_clip(p.get("reference", ""), 60))] if refs else []
+        table.add_row(Text(_clip(p["prompt"], 60)), *ref, *(Text(_clip(o[i], 80)) for o in outs))
     return table
 
 

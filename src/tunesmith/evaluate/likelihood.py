@@ -119,21 +119,27 @@ def _ratio(pairs: list[tuple[float, int]]) -> float:
 def measure_loss(subject, records: list[dict], settings) -> dict[str, Any]:
     """Per record: trained tokens, summed NLL, mean loss; aggregate: token-weighted loss and
     perplexity = exp(loss), both with a bootstrap interval over records."""
-    from tunesmith.data.tokenize import tokenize_record
+    from tunesmith.data.tokenize import tokenize_sequences
 
     tok = subject.tokenizer
-    exs = [tokenize_record(r, tok, max_length=settings.max_length, train_on=settings.train_on, on_overflow="drop")
-           for r in records]
-    kept = [i for i, e in enumerate(exs) if e is not None and e.n_trained > 0]
-    scores = dict(zip(kept, sequence_logps(subject.model, [exs[i] for i in kept], tok.pad_token_id,
-                                           settings.batch_size)))
+    # A conversation under a history-rewriting template is one sequence per turn (data/render.py):
+    # a record's loss sums over its sequences, as training weighs them.
+    seqs = [tokenize_sequences(r, tok, max_length=settings.max_length, train_on=settings.train_on,
+                               on_overflow="drop", chat=settings.chat()) or [] for r in records]
+    flat = [(i, e) for i, exs in enumerate(seqs) for e in exs if e.n_trained > 0]
+    scores: dict[int, tuple[float, int]] = {}
+    for (i, _), (lp, n) in zip(flat, sequence_logps(subject.model, [e for _, e in flat], tok.pad_token_id,
+                                                    settings.batch_size)):
+        had = scores.get(i, (0.0, 0))
+        scores[i] = (had[0] + lp, had[1] + n)
     items = []
     for i, r in enumerate(records):
         if i not in scores:
             items.append({"id": r["id"], "dropped": True})
             continue
         lp, n = scores[i]
-        items.append({"id": r["id"], "tokens": n, "nll": -lp, "loss": -lp / n, "truncated": exs[i].truncated})
+        items.append({"id": r["id"], "tokens": n, "nll": -lp, "loss": -lp / n,
+                      "truncated": any(e.truncated for e in seqs[i])})
     pairs = [(it["nll"], it["tokens"]) for it in items if not it.get("dropped")]
     if not pairs:
         raise TunesmithError(f"no record of the loss suite keeps a trained token within max_length "
@@ -184,7 +190,7 @@ def _reward_scores(subject, records: list[dict], settings) -> list[tuple[float, 
         return next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
 
     prompts = [r["prompt"] for r in records]
-    kw = dict(max_length=settings.max_length, batch_size=settings.batch_size)
+    kw = dict(max_length=settings.max_length, batch_size=settings.batch_size, chat=settings.chat())
     chosen = score_conversations(subject.model, subject.tokenizer, prompts, [reply(r["chosen"]) for r in records], **kw)
     rejected = score_conversations(subject.model, subject.tokenizer, prompts, [reply(r["rejected"]) for r in records],
                                    **kw)
@@ -195,7 +201,8 @@ def _logp_rewards(subject, records: list[dict], settings, rule: PreferenceRule) 
     from tunesmith.data.tokenize import tokenize_preference
 
     tok = subject.tokenizer
-    exs = [tokenize_preference(r, tok, max_length=settings.max_length, on_overflow="drop") for r in records]
+    exs = [tokenize_preference(r, tok, max_length=settings.max_length, on_overflow="drop", chat=settings.chat())
+           for r in records]
     kept = [i for i, e in enumerate(exs) if e is not None]
     rows = [exs[i].chosen for i in kept] + [exs[i].rejected for i in kept]
     policy = sequence_logps(subject.model, rows, tok.pad_token_id, settings.batch_size)
@@ -260,7 +267,8 @@ def choose_by_loglik(subject, records: list[dict], settings) -> list[str | None]
         prompt = [{"role": "user", "content": r["prompt"]}]
         for o in r["options"]:
             rec = {"prompt": prompt, "completion": [{"role": "assistant", "content": o}], "label": True}
-            examples.append(tokenize_unpaired(rec, subject.tokenizer, max_length=settings.max_length).completion)
+            examples.append(tokenize_unpaired(rec, subject.tokenizer, max_length=settings.max_length,
+                                              chat=settings.chat()).completion)
             owners.append(i)
     scores = sequence_logps(subject.model, examples, subject.tokenizer.pad_token_id, settings.batch_size)
     for i in sorted(set(owners)):

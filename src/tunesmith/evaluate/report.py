@@ -103,8 +103,8 @@ def _generation_rows(result: dict, diffs: dict) -> list[dict]:
                 if status:
                     flags.add(status)
                 cells.append({"text": outs[j][i], "passed": items[j][i].get("passed"), "status": status})
-            rows.append({"suite": suite, "id": p["id"], "prompt": p["prompt"], "flags": " ".join(sorted(flags)),
-                         "cells": cells})
+            rows.append({"suite": suite, "id": p["id"], "prompt": p["prompt"], "reference": p.get("reference"),
+                         "flags": " ".join(sorted(flags)), "cells": cells})
     return rows
 
 

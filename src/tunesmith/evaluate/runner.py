@@ -67,12 +67,20 @@ class EvalSettings:
     limit: int | None = None  # the first N records of every suite, for quick runs
     max_length: int | None = None  # tokens per scored sequence; None: the first run's data.max_length, else 1024
     train_on: str | None = None  # loss masking; None: the first run's data.train_on, else "assistant"
+    reasoning: str | None = None  # traces in scored records; None: the first run's data.reasoning, else "train"
+    template_kwargs: dict | None = None  # chat template switches; None: the first run's data.template_kwargs
     # ("the first run": the first of the models that is a run folder)
     mc: str = "generate"  # multiple choice: "generate" (read the letter) or "loglik" (most likely option)
     method: str = "exact_match"  # scoring method of accuracy records that name none
     classifier: str | None = None  # a reward-model folder that also labels refusals: score > threshold
     classifier_threshold: float = 0.0
     progress: bool = False  # progress bars on stderr
+
+    def chat(self):
+        """How records meet the chat template, as the first run trained (data.render.ChatOptions)."""
+        from tunesmith.data.render import ChatOptions
+
+        return ChatOptions(self.reasoning or "train", dict(self.template_kwargs or {}))
 
 
 @dataclass
@@ -147,9 +155,18 @@ def _builtin_records(name: str) -> Callable[[SuiteInput], list[dict]]:
 
 
 def _accuracy_records(inp: SuiteInput) -> list[dict]:
+    """Accuracy records (prompt + reference), or an SFT file whose last assistant turns are the references."""
     if not inp.data:
         raise TunesmithError("the accuracy suite needs your records: --data FILE (or accuracy=FILE), JSONL with "
-                             "prompt and reference (see tunesmith.evaluate.scoring)")
+                             "prompt and reference, or SFT records (see tunesmith.evaluate.scoring)")
+    if _file_kind(Path(inp.data)) is None:  # not a suite file: SFT records through the data layer
+        from tunesmith.infer.generate import read_prompts
+
+        records = [_prompt_record(r, i) for i, r in enumerate(read_prompts(inp.data))]
+        if not all("reference" in r for r in records):
+            raise TunesmithError(f"{inp.data} holds prompts without answers; the accuracy suite needs SFT records "
+                                 "(the last assistant turn is the reference) or prompt + reference records")
+        return [{**r, "method": inp.settings.method} for r in records]
     return [{**r, "method": r.get("method", inp.settings.method)} for r in load_suite(inp.data, "accuracy")]
 
 
@@ -181,6 +198,15 @@ register_suite(SuiteSpec(
     likelihood.preference_records, "accuracy", measure=likelihood.measure_preference, takes_data=True))
 
 
+def _prompt_record(r: dict, i: int) -> dict:
+    """A canonical prompt record as a suite record; an SFT record's answer is its ``reference``."""
+    meta = r.get("meta") or {}
+    out = {"id": meta.get("id", f"p{i + 1}"), "prompt": r["prompt"]}
+    if meta.get("reference") is not None:
+        out["reference"] = meta["reference"]
+    return out
+
+
 def prompt_suite(name: str, prompts: str | Path | list) -> SuiteSpec:
     """Unscored prompts — a prompt file (``generation.read_prompts``), or a list of strings
     or message lists — whose outputs are only shown side by side."""
@@ -188,8 +214,7 @@ def prompt_suite(name: str, prompts: str | Path | list) -> SuiteSpec:
 
     def records(inp: SuiteInput) -> list[dict]:
         if isinstance(prompts, (str, Path)):
-            return [{"id": (r.get("meta") or {}).get("id", f"p{i + 1}"), "prompt": r["prompt"]}
-                    for i, r in enumerate(read_prompts(prompts))]
+            return [_prompt_record(r, i) for i, r in enumerate(read_prompts(prompts))]
         return [{"id": f"p{i + 1}", "prompt": p} for i, p in enumerate(prompts)]
 
     return SuiteSpec(name, "prompts without a scorer: outputs side by side", records, None, score=_unscored)
@@ -270,6 +295,7 @@ def display_prompt(record: dict) -> str:
 def run_suite(spec: SuiteSpec, subject: Subject, records: list[dict], settings: EvalSettings
               ) -> tuple[dict, list[str] | None]:
     """(``{"items", "aggregate"}`` with each item's ``passed`` set, responses or None)."""
+    from tunesmith.data.messages import split_reasoning
     from tunesmith.infer.generate import generate
 
     responses: list[str] | None = None
@@ -282,10 +308,11 @@ def run_suite(spec: SuiteSpec, subject: Subject, records: list[dict], settings: 
             texts = generate(subject.model, subject.tokenizer, [prompt_messages(records[i]) for i in todo],
                              max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                              top_p=settings.top_p, seed=settings.seed, batch_size=settings.batch_size,
-                             progress=settings.progress)
+                             progress=settings.progress, chat=settings.chat())
             for i, text in zip(todo, texts):
                 responses[i] = text
-        outcome = spec.score(records, responses)
+        # a reasoning model's answer is scored, not its <think> trace (data.messages.split_reasoning)
+        outcome = spec.score(records, [split_reasoning(r)[1] if r else r for r in responses])
     for item in outcome["items"]:
         item["passed"] = spec.passed(item)
     return outcome, responses
@@ -326,7 +353,10 @@ def evaluate_models(specs: list[str], suites: list, settings: EvalSettings | Non
     first_run = next((m.run for m in pool.members if m.run is not None), None)
     trained = (first_run.config.get("data") or {}) if first_run else {}  # score text as the first run trained
     settings = dataclasses.replace(settings, max_length=settings.max_length or trained.get("max_length") or 1024,
-                                   train_on=settings.train_on or trained.get("train_on") or "assistant")
+                                   train_on=settings.train_on or trained.get("train_on") or "assistant",
+                                   reasoning=settings.reasoning or trained.get("reasoning") or "train",
+                                   template_kwargs=settings.template_kwargs if settings.template_kwargs is not None
+                                   else trained.get("template_kwargs"))
     plan = []
     for spec, file in resolve_suites(suites, data):
         records = spec.records(SuiteInput(file, first_run, settings))[:settings.limit]
@@ -367,7 +397,9 @@ def _new_result(pool: ModelPool, plan: list[tuple[SuiteSpec, list[dict]]], setti
         "models": [m.info() for m in pool.members], "groups": pool.groups(),
         "suites": {s.name: {"description": s.description, "kind": s.kind, "metric": s.metric,
                             "higher_is_better": s.higher_is_better, "n": len(r)} for s, r in plan},
-        "prompts": {s.name: [{"id": rec["id"], "prompt": display_prompt(rec)} for rec in r] for s, r in gen},
+        "prompts": {s.name: [{"id": rec["id"], "prompt": display_prompt(rec),
+                              **({"reference": str(rec["reference"])} if "reference" in rec else {})}
+                             for rec in r] for s, r in gen},
         "results": {s.name: {} for s, _ in plan},
         "outputs": {s.name: {} for s, _ in gen},
         "refusal_patterns": list(REFUSAL_PATTERNS) if any(s.classified for s, _ in plan) else [],

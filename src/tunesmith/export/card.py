@@ -19,7 +19,7 @@ from tunesmith.models.runs import Run
 # Config keys that describe the training itself (bookkeeping keys such as save_steps,
 # logging_steps or threads do not change the weights and are left out).
 _HPARAMS = {
-    "data": ("max_length", "train_on", "packing"),
+    "data": ("max_length", "train_on", "packing", "reasoning", "template_kwargs", "chat_template"),
     "lora": ("r", "alpha", "dropout", "target_modules", "rslora", "dora", "qlora", "modules_to_save"),
     "train": ("epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "lr_scheduler", "warmup_ratio",
               "warmup_steps", "weight_decay", "max_grad_norm", "seed", "dtype"),

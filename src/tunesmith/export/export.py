@@ -205,6 +205,8 @@ def _manifest(run: Run, fmt: str, base: Path, base_hash: str, adapter_base_path:
         "base_model": run.manifest.get("base_model"), "base_model_path": str(base),
         "base_model_weights_sha256": base_hash, "init_from": run.manifest.get("init_from"),
         "chat_template_source": run.manifest.get("chat_template_source"), "scoring": run.scoring,
+        # the template switches and reasoning policy training used, so chat/eval of the export render alike
+        "chat": {k: (run.config.get("data") or {}).get(k) for k in ("reasoning", "template_kwargs")},
         "dequantized_base": bool(fmt == "merged" and (run.config.get("lora") or {}).get("qlora")),
         # the model class is code in the model folder: loading the export needs trust_remote_code too
         "trust_remote_code": remote_code(run),

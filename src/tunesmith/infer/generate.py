@@ -71,18 +71,19 @@ class _Bar:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = GENERATION_BATCH,
-             progress: bool = False) -> list[str]:
+             progress: bool = False, chat=None) -> list[str]:
     """One completion per prompt (a message list ending with a user turn), in input order.
 
     Prompts are rendered with the chat template and its generation prompt
     (``data.tokenize.tokenize_prompt``), sorted by length so a batch pads little, left
     padded, and decoded with the KV cache (``model.generate``) until EOS or
-    ``max_new_tokens``. ``temperature`` 0 is greedy and deterministic; otherwise
+    ``max_new_tokens``. ``chat`` (``data.render.ChatOptions``): the template switches the
+    model was trained with (e.g. ``enable_thinking``). ``temperature`` 0 is greedy and deterministic; otherwise
     sampling with ``top_p`` draws from a torch generator seeded with ``seed`` (the
     caller's global RNG state is left as it was).
     """
     config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
-    ids = [tokenize_prompt(p, tokenizer) for p in prompts]
+    ids = [tokenize_prompt(p, tokenizer, **({"chat": chat} if chat is not None else {})) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
     bar = _Bar(progress, len(ids), "generate")
@@ -104,7 +105,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
 
 
 def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+           top_p: float = 1.0, seed: int = 0, chat=None) -> Iterator[str]:
     """The reply to one conversation as text pieces, as they are decoded (for chat).
 
     ``model.generate`` runs in a thread feeding a ``TextIteratorStreamer``; the pieces
@@ -115,7 +116,8 @@ def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256,
     from transformers import TextIteratorStreamer
 
     config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
-    input_ids = torch.tensor([tokenize_prompt(messages, tokenizer)], dtype=torch.long)
+    input_ids = torch.tensor([tokenize_prompt(messages, tokenizer, **({"chat": chat} if chat is not None else {}))],
+                             dtype=torch.long)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 
@@ -142,11 +144,14 @@ def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256,
 
 def read_prompts(path: str | Path) -> list[dict]:
     """Prompt records through the data layer: ``prompt`` (a string) or ``messages`` ending
-    with a user turn, one format per file. Returns canonical prompt records
-    ``{"prompt": [Message], "meta": {...}}`` (an ``id`` column lands in ``meta``)."""
+    with a user turn, one format per file — or SFT records (a held-out training file): the
+    conversation up to its last assistant turn is the prompt and that turn's content the
+    ``reference``. Returns canonical prompt records ``{"prompt": [Message], "meta": {...}}``
+    (an ``id`` column and the reference land in ``meta``)."""
+    from tunesmith.data.schema import as_prompt
     from tunesmith.data.validate import load_records
 
-    return load_records([path], expect={"prompt"}, purpose="generation")
+    return [as_prompt(r) for r in load_records([path], expect={"prompt", "sft"}, purpose="generation")]
 
 
 def completion_record(record: dict, completion: str) -> dict:

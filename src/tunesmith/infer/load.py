@@ -110,6 +110,16 @@ class Resolved:
     method: str | None = None  # training method when known: sft, dpo, reward, ...
     chat_template_source: str | None = None
     scoring: dict | None = None  # how the method's outputs are scored (models.runs.Run.scoring)
+    chat_settings: dict | None = None  # an export's recorded data.reasoning / data.template_kwargs
+
+    @property
+    def chat(self):
+        """The template switches the run trained with (``data.template_kwargs``, e.g. Qwen3's
+        ``enable_thinking``), so prompts at inference render as in training."""
+        from tunesmith.data.render import ChatOptions
+
+        data = (self.run.config.get("data") or {}) if self.run is not None else (self.chat_settings or {})
+        return ChatOptions(data.get("reasoning") or "train", dict(data.get("template_kwargs") or {}))
 
     @property
     def is_scorer(self) -> bool:
@@ -164,7 +174,8 @@ def _from_run(run: Run) -> dict:
 def _from_export(folder: Path) -> dict:
     manifest = read_export(folder)
     common = dict(kind="export", tokenizer=run_tokenizer(folder), method=manifest.get("method"),
-                  scoring=manifest.get("scoring"), chat_template_source=manifest.get("chat_template_source"))
+                  scoring=manifest.get("scoring"), chat_template_source=manifest.get("chat_template_source"),
+                  chat_settings=manifest.get("chat"))
     remote = bool(manifest.get("trust_remote_code"))  # the run's setting, recorded at export
     if manifest["format"] == "merged":
         return dict(common, describe=f"exported merged model {folder}", key=(_folder_key(folder),),

@@ -15,12 +15,15 @@ from tunesmith.models.forward import SequenceScores
 
 
 def score_conversations(model, tokenizer, prompts: list[list[dict]], completions: list[str], *,
-                        max_length: int | None = None, batch_size: int = 8) -> list[float]:
+                        max_length: int | None = None, batch_size: int = 8, chat=None) -> list[float]:
     """Scores of ``completions`` (assistant text) after their prompt conversations, with the
-    tokenizer's chat template and the same truncation as training (prompt cut from the
-    left first); nan where nothing of the completion fits."""
+    tokenizer's chat template (``chat``: ``data.render.ChatOptions`` the scorer trained with)
+    and the same truncation as training (prompt cut from the left first); nan where nothing
+    of the completion fits."""
+    opts = {"chat": chat} if chat is not None else {}
     exs = [tokenize_unpaired({"prompt": p, "completion": [{"role": "assistant", "content": c}], "label": True},
-                             tokenizer, max_length=max_length, on_overflow="drop") for p, c in zip(prompts, completions)]
+                             tokenizer, max_length=max_length, on_overflow="drop", **opts)
+           for p, c in zip(prompts, completions)]
     scorer = SequenceScores(model)
     device = next(model.parameters()).device
     out = [float("nan")] * len(exs)

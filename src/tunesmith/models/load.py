@@ -178,13 +178,14 @@ def _auto_tokenizer(folder: Path):
                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); {fix}") from None
 
 
-def load_tokenizer(name_or_path: str):
-    """The model's tokenizer with a chat template ensured (see models.templates)."""
+def load_tokenizer(name_or_path: str, chat_template: str | None = None):
+    """The model's tokenizer with a chat template ensured, or ``chat_template`` (a Jinja file
+    or a family name) in its place (see models.templates)."""
     from tunesmith.models.templates import ensure_chat_template
 
     folder = resolve_model(name_or_path)
     tok = _auto_tokenizer(folder)
-    ensure_chat_template(tok)
+    ensure_chat_template(tok, chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -64,6 +65,7 @@ class Prepared:
     dropped: int
     truncated: int
     trained_tokens: int
+    formatting: Any = None  # data.tokenize.Formatting of the SFT train split (append or per-turn)
 
 
 def prepare_data(cfg: RunConfig, tokenizer, method: MethodRow | None = None) -> Prepared:
@@ -87,7 +89,8 @@ def prepare_data(cfg: RunConfig, tokenizer, method: MethodRow | None = None) -> 
         raise TunesmithError(f"every one of the {len(eval_recs)} eval records would lose all its trained tokens at "
                              f"data.max_length={cfg.data.max_length}, so the run would have no eval; raise "
                              f"data.max_length or shorten the eval records")
-    return Prepared(train.items, evals.items, train.lengths, train.dropped, train.truncated, train.trained)
+    return Prepared(train.items, evals.items, train.lengths, train.dropped, train.truncated, train.trained,
+                    train.formatting)
 
 
 # ---------------------------------------------------------------- model and reference
@@ -129,7 +132,7 @@ def build_model(cfg: RunConfig, method: MethodRow, tokenizer, template_source: s
         # setup_chat_format does): their embeddings start untrained.
         model.resize_token_embeddings(len(tokenizer))
         if is_main:
-            console.warn(f"added {template_source} special tokens: embeddings resized to {len(tokenizer)}; "
+            console.warn(f"added {template_source} control tokens: embeddings resized to {len(tokenizer)}; "
                          f"with LoRA set `lora.modules_to_save: [embed_tokens, lm_head]` so they train")
     if cfg.lora is not None:
         lo = cfg.lora
@@ -291,10 +294,14 @@ def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_
     console.info("estimated memory: " + ", ".join(est.lines()) + f" (available {limit / 2**30:.1f} GiB)"
                  + (" — gradient checkpointing on" if checkpointing else ""))
     console.info(f"dtype {str(dtype).removeprefix('torch.')}: {dtype_why}; threads {threads}; processes {world}")
-    console.info(f"data: {len(data.train)} {'packs' if cfg.data.packing else 'records'} train, "
+    per_turn = data.formatting is not None and data.formatting.per_turn
+    unit = "packs" if cfg.data.packing else "sequences" if per_turn else "records"
+    console.info(f"data: {len(data.train)} {unit} train, "
                  f"{len(data.eval)} eval; {data.truncated} truncated; {per_step} per step x ~{mean_len:.0f} tokens "
                  f"= ~{per_step * mean_len:.0f} tokens/step; {len(data.train) // per_step} steps/epoch; "
                  f"template {template_source}")
+    if data.formatting is not None and data.formatting.records:
+        console.info(f"chat template mode: {data.formatting.summary()}")
 
 
 def loop_args(cfg: RunConfig, dtype, force_resume: bool, inputs: dict) -> LoopArgs:
@@ -318,7 +325,8 @@ def _final_writer(model, tokenizer, template_source: str):
 
 
 def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_source: str, plan, result, hw,
-              threads: int, world: int, dtype, started: float, data_hashes: dict, inputs: dict) -> dict:
+              threads: int, world: int, dtype, started: float, data_hashes: dict, inputs: dict,
+              data_mode: dict | None = None) -> dict:
     """run.json: what was trained, on what, how, and how its outputs are to be scored."""
     est, checkpointing, _, trainable, total = plan
     out = Path(cfg.output_dir)
@@ -326,6 +334,7 @@ def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_sourc
         "method": cfg.method, "base_model": cfg.model, "base_model_path": str(model_dir),
         "base_model_weights_sha256": weights_hash(model_dir),
         "adapter": cfg.lora is not None, "chat_template_source": template_source,
+        "chat_template_mode": data_mode,  # append or per-turn, and its cost (data/render.py)
         # An adapter run started from another run's adapter trains on base + that adapter merged.
         "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
         "scoring": method.scoring(cfg),
@@ -377,8 +386,8 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
 
     # --- tokenizer and data (the data layer refuses malformed records here)
     model_dir = resolve_model(cfg.model)  # converts the embedded model once, if needed
-    tokenizer = load_tokenizer(cfg.model)
-    template_source = ensure_chat_template(tokenizer)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    template_source = ensure_chat_template(tokenizer, cfg.data.chat_template)
     data_hashes = {f: sha256_file(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)}
     data = prepare_data(cfg, tokenizer, method)
     inputs = inputs_of(cfg, data_hashes, model_dir, tokenizer)
@@ -413,7 +422,7 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
                  accelerator=accelerator, save_final=_final_writer(model, tokenizer, template_source),
                  resume=resume, processed_tokens=processed_tokens)
     manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype, started,
-                         data_hashes, inputs)
+                         data_hashes, inputs, data.formatting.to_dict() if data.formatting is not None else None)
     if is_main:
         write_text_atomic(out / "run.json", dumps(manifest, indent=2))
         if not result.stopped_by_signal:

@@ -67,6 +67,7 @@ class Split:
     dropped: int = 0  # records whose trained tokens would all be truncated (on_overflow: drop)
     truncated: int = 0  # records that lost tokens but kept some trained ones
     trained: int = 0  # tokens that receive a gradient over one epoch
+    formatting: Any = None  # data.tokenize.Formatting of SFT conversations (append or per-turn), else None
 
 
 def tokenize_each(records: list[dict], tokenize: Callable[[dict], Any], sequences: Callable[[Any], list], *,

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
+from tunesmith.data.schema import as_prompt
 from tunesmith.data.tokenize import IGNORE_INDEX, tokenize_record
 from tunesmith.errors import TunesmithError
 from tunesmith.models.adapters import merged_adapter
@@ -50,7 +52,7 @@ class PromptItem:
 
 
 def prepare_prompts(records: list[dict], tokenizer, *, max_length: int, max_new_tokens: int,
-                    special_tokens_in_content: str = "error") -> Split:
+                    special_tokens_in_content: str = "error", chat: ChatOptions = DEFAULT_OPTIONS) -> Split:
     """Prompts, left-truncated so that prompt + ``max_new_tokens`` fits ``max_length``. An
     SFT record serves as a prompt too: its last assistant message becomes the ``answer``
     column that reward functions receive."""
@@ -60,13 +62,10 @@ def prepare_prompts(records: list[dict], tokenizer, *, max_length: int, max_new_
                              f"grpo.max_new_tokens {max_new_tokens}; raise max_length or lower max_new_tokens")
     items = []
     for r in records:
+        r = as_prompt(r, "answer")
         meta = dict(r.get("meta") or {})
-        if "messages" in r:
-            last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
-            meta.setdefault("answer", r["messages"][last]["content"])
-            r = {"prompt": r["messages"][:last], **({"tools": r["tools"]} if r.get("tools") else {})}
         ex = tokenize_record({k: v for k, v in r.items() if k != "meta"}, tokenizer, max_length=room,
-                             special_tokens_in_content=special_tokens_in_content)
+                             special_tokens_in_content=special_tokens_in_content, chat=chat)
         items.append(PromptItem(ex.input_ids, r["prompt"], meta))
     return Split(items, [len(p.input_ids) for p in items])
 

@@ -24,6 +24,7 @@ import torch
 
 from tunesmith.data.batches import pad_batch
 from tunesmith.data.schema import unpair
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
 from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedExample, UnpairedExample, tokenize_unpaired
 from tunesmith.errors import TunesmithError
 from tunesmith.train.methods.base import Method, Split, tokenize_each
@@ -64,13 +65,13 @@ def kl_pairs(examples: list[UnpairedExample], max_length: int | None, seed: int)
 
 
 def prepare(records: list[dict], tokenizer, *, max_length: int, on_overflow: str, what: str, seed: int,
-            special_tokens_in_content: str = "error") -> Split:
+            special_tokens_in_content: str = "error", chat: ChatOptions = DEFAULT_OPTIONS) -> Split:
     """Unpaired examples, each with its KL row (``kl_pairs``); paired records train KTO as
     two unpaired examples. The KL row runs without gradients, so only the example trains."""
     unpaired = [u for r in records for u in unpair(r)]
     exs, dropped, truncated = tokenize_each(
         unpaired, lambda r: tokenize_unpaired(r, tokenizer, max_length=max_length, on_overflow="drop",
-                                              special_tokens_in_content=special_tokens_in_content),
+                                              special_tokens_in_content=special_tokens_in_content, chat=chat),
         lambda u: [u.completion], what=what, max_length=max_length, on_overflow=on_overflow)
     items = kl_pairs(exs, max_length, seed) if exs else []
     return Split(items, [len(it.example.completion.input_ids) + len(it.kl.input_ids) for it in items], dropped,

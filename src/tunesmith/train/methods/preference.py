@@ -13,6 +13,7 @@ reference-free losses (SimPO, ORPO).
 from __future__ import annotations
 
 from tunesmith.data.batches import pad_batch
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
 from tunesmith.data.tokenize import tokenize_preference
 from tunesmith.train.methods.base import Method, Split, tokenize_each
 from tunesmith.train.methods.losses import (LENGTH_NORMALISED, PAIRWISE_LOSSES, REFERENCE_FREE, nll_from_logps,
@@ -21,12 +22,12 @@ from tunesmith.train.methods.reference import Reference, unwrap
 
 
 def prepare_pairs(records: list[dict], tokenizer, *, max_length: int, on_overflow: str, what: str,
-                  special_tokens_in_content: str = "error") -> Split:
+                  special_tokens_in_content: str = "error", chat: ChatOptions = DEFAULT_OPTIONS) -> Split:
     """Preference records as (chosen, rejected) pairs sharing their prompt tokens (also the
     reward model's data)."""
     pairs, dropped, truncated = tokenize_each(
         records, lambda r: tokenize_preference(r, tokenizer, max_length=max_length, on_overflow="drop",
-                                               special_tokens_in_content=special_tokens_in_content),
+                                               special_tokens_in_content=special_tokens_in_content, chat=chat),
         lambda p: [p.chosen, p.rejected], what=what, max_length=max_length, on_overflow=on_overflow)
     return Split(pairs, [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs], dropped, truncated,
                  sum(p.chosen.n_trained + p.rejected.n_trained for p in pairs))

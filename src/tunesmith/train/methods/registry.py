@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.config import RunConfig
+from tunesmith.data.render import ChatOptions
 from tunesmith.errors import TunesmithError
 from tunesmith.train.methods import grpo, kto, preference, sft
 from tunesmith.train.methods.base import Method, Split
@@ -91,10 +92,15 @@ def _build_pairwise(ctx: BuildContext) -> Method:
                                  sft_weight=p.sft_weight, reference=ctx.reference)
 
 
+def chat_options(cfg: RunConfig) -> ChatOptions:
+    """How the run's records meet the chat template (``data.reasoning``, ``data.template_kwargs``)."""
+    return ChatOptions(cfg.data.reasoning, dict(cfg.data.template_kwargs or {}))
+
+
 def _prepare_pairs(records, tokenizer, cfg: RunConfig, what: str) -> Split:
     return preference.prepare_pairs(records, tokenizer, max_length=cfg.data.max_length,
                                     on_overflow=cfg.data.on_overflow, what=what,
-                                    special_tokens_in_content=cfg.data.special_tokens_in_content)
+                                    special_tokens_in_content=cfg.data.special_tokens_in_content, chat=chat_options(cfg))
 
 
 # ---------------------------------------------------------------- the others
@@ -103,12 +109,14 @@ def _prepare_pairs(records, tokenizer, cfg: RunConfig, what: str) -> Split:
 def _prepare_sft(records, tokenizer, cfg: RunConfig, what: str) -> Split:
     d = cfg.data
     return sft.prepare(records, tokenizer, max_length=d.max_length, train_on=d.train_on, packing=d.packing,
-                       on_overflow=d.on_overflow, what=what, special_tokens_in_content=d.special_tokens_in_content)
+                       on_overflow=d.on_overflow, what=what, special_tokens_in_content=d.special_tokens_in_content,
+                       chat=chat_options(cfg))
 
 
 def _prepare_kto(records, tokenizer, cfg: RunConfig, what: str) -> Split:
     return kto.prepare(records, tokenizer, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overflow,
-                       what=what, seed=cfg.train.seed, special_tokens_in_content=cfg.data.special_tokens_in_content)
+                       what=what, seed=cfg.train.seed, special_tokens_in_content=cfg.data.special_tokens_in_content,
+                       chat=chat_options(cfg))
 
 
 def _check_kto(cfg: RunConfig) -> None:
@@ -159,7 +167,7 @@ METHODS: dict[str, MethodRow] = {
     "grpo": MethodRow(kinds=frozenset({"prompt", "sft"}),
                       prepare=lambda records, tok, cfg, what: grpo.prepare_prompts(
                           records, tok, max_length=cfg.data.max_length, max_new_tokens=cfg.grpo.max_new_tokens,
-                          special_tokens_in_content=cfg.data.special_tokens_in_content),
+                          special_tokens_in_content=cfg.data.special_tokens_in_content, chat=chat_options(cfg)),
                       build=_build_grpo, scoring=lambda cfg: _LOGLIK,
                       reference=lambda cfg: "token" if cfg.grpo.beta > 0 else None,
                       rows_per_item=lambda cfg: cfg.grpo.num_generations),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.batches import pack_batch, pack_examples, pad_batch
-from tunesmith.data.tokenize import tokenize_record
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
+from tunesmith.data.tokenize import Formatting, tokenize_training
 from tunesmith.train.methods.base import Method, Split, tokenize_each
 
 
@@ -21,17 +22,26 @@ def sft_loss(logps: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(records: list[dict], tokenizer, *, max_length: int, train_on: str, packing: bool, on_overflow: str,
-            what: str, special_tokens_in_content: str = "error") -> Split:
-    """Records tokenized with the data layer's masking contract; packed when ``packing``."""
-    exs, dropped, truncated = tokenize_each(
-        records, lambda r: tokenize_record(r, tokenizer, max_length=max_length, train_on=train_on, on_overflow="drop",
-                                           special_tokens_in_content=special_tokens_in_content),
-        lambda e: [e], what=what, max_length=max_length, on_overflow=on_overflow)
+            what: str, special_tokens_in_content: str = "error", chat: ChatOptions = DEFAULT_OPTIONS) -> Split:
+    """Records tokenized with the data layer's masking contract (a conversation under a
+    history-rewriting template is one sequence per turn); packed when ``packing``."""
+    convs, dropped, truncated = tokenize_each(
+        records, lambda r: tokenize_training(r, tokenizer, max_length=max_length, train_on=train_on,
+                                             on_overflow="drop", special_tokens_in_content=special_tokens_in_content,
+                                             chat=chat),
+        lambda c: c.examples, what=what, max_length=max_length, on_overflow=on_overflow)
+    formatting = Formatting()
+    for c in convs:
+        formatting.add(c)
+    # a conversation that lost a whole turn to max_length (per-turn mode) lost tokens too
+    truncated += sum(1 for c in convs if c.dropped_turns and not any(e.truncated for e in c.examples))
+    exs = [e for c in convs for e in c.examples]
     if not packing:
-        return Split(exs, [len(e.input_ids) for e in exs], dropped, truncated, sum(e.n_trained for e in exs))
+        return Split(exs, [len(e.input_ids) for e in exs], dropped, truncated, sum(e.n_trained for e in exs),
+                     formatting)
     packs = pack_examples(exs, max_length) if exs else []
     return Split(packs, [sum(len(e.input_ids) for e in p) for p in packs], dropped, truncated,
-                 sum(e.n_trained for p in packs for e in p))
+                 sum(e.n_trained for p in packs for e in p), formatting)
 
 
 class SFT(Method):
