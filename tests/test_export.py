@@ -189,7 +189,7 @@ def test_refusals(tiny, tmp_path):
     with pytest.raises(TunesmithError, match="inside the run's own files"):
         export_run(tiny["run"], "adapter", tiny["run"] / "final" / "exp")
     with pytest.raises(TunesmithError, match="not known"):
-        export_run(tiny["run"], "gguf", tmp_path / "x")
+        export_run(tiny["run"], "onnx", tmp_path / "x")
     # a run with no final weights
     unfinished = shutil.copytree(tiny["run"], tmp_path / "unfinished")
     shutil.rmtree(unfinished / "final")

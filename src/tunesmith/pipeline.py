@@ -86,7 +86,10 @@ class CompareSpec(_Section):
 
 class ExportSpec(_Section):
     from_: str = Field(alias="from", description="the train stage to export")
-    format: Literal["adapter", "merged"] = Field("merged", description="adapter or merged weights")
+    format: Literal["adapter", "merged", "gguf"] = Field(
+        "merged", description="adapter, merged weights, or one GGUF file (llama.cpp / Ollama)")
+    quant: Optional[Literal["f16", "bf16", "q8_0", "q4_0"]] = Field(
+        None, description="GGUF tensor type (format gguf): f16 by default")
 
 
 class StageSpec(_Section):
@@ -541,7 +544,7 @@ class Pipeline:
         from tunesmith.export.export import export_run
 
         src = stage.export.from_
-        key = self._key(stage, stage.export.model_dump(by_alias=True), [], [src])
+        key = self._key(stage, stage.export.model_dump(by_alias=True, exclude_none=True), [], [src])
         folder = self.stage_dir(stage.name)
         if self._skip_or_prepare(stage, key, (folder / "tunesmith.json").exists()) == "skip":
             self._skipped(stage, folder)
@@ -551,9 +554,10 @@ class Pipeline:
         self._start(stage, key)
         if folder.exists():
             remove_dir(folder)  # an interrupted export left nothing usable (exports are atomic)
-        export_run(self.stage_dir(src), stage.export.format, folder)
+        export_run(self.stage_dir(src), stage.export.format, folder, quant=stage.export.quant)
         self.results[stage.name] = str(folder)
-        self._finish(stage, key, t0, {"from": src, "format": stage.export.format}, folder_hash(folder),
+        self._finish(stage, key, t0, {"from": src, "format": stage.export.format, "quant": stage.export.quant},
+                     folder_hash(folder),
                      {"folder": str(folder)})
 
 

@@ -37,7 +37,9 @@ def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int) 
 @app.command(help="Export a finished run as a PEFT adapter or merged weights, then verify it.")
 def export(
     run_dir: Path = typer.Argument(..., help="run folder (output_dir of `tunesmith train`)"),
-    format: str = typer.Option(..., "--format", "-f", help="adapter (PEFT files) or merged (full safetensors)"),
+    format: str = typer.Option(..., "--format", "-f", help="adapter (PEFT files), merged (full safetensors) or "
+                               "gguf (one file for llama.cpp / Ollama, the adapter merged first)"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF tensor type: f16 (default), bf16, q8_0, q4_0"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="export folder (default RUN/export/FORMAT)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="reload in a fresh process and compare logits"),
@@ -45,7 +47,8 @@ def export(
 ) -> None:
     from tunesmith.export import export_run
 
-    export_run(run_dir, format, output, overwrite=overwrite, verify=verify, max_shard_size=max_shard_size)
+    export_run(run_dir, format, output, overwrite=overwrite, verify=verify, max_shard_size=max_shard_size,
+               quant=quant)
 
 
 @app.command(help="Reload an export with plain transformers/peft in a fresh process and check it (exit 0 = ok).")

@@ -66,6 +66,16 @@ def results(run: Run) -> str:
     return _table(("suite", "metric", "value"), rows) if rows else "No evaluation was recorded for this run."
 
 
+def _how_to_run_gguf(folder: str, manifest: dict) -> str:
+    g = manifest["gguf"]
+    return (f"One file, `{g['file']}` ({g['quant']}), with the tokenizer and the chat template training used.\n\n"
+            f"- llama.cpp: `llama-cli -m {folder}/{g['file']} -cnv`\n"
+            f"- Ollama: `cd {folder} && ollama create NAME -f Modelfile && ollama run NAME` (the Modelfile names "
+            "the stop tokens and the training system prompt)\n"
+            f"- llama-cpp-python: `Llama(model_path=\"{folder}/{g['file']}\").create_chat_completion(messages=[...])`\n"
+            f"- transformers: `AutoModelForCausalLM.from_pretrained(\"{folder}\", gguf_file=\"{g['file']}\")`")
+
+
 def _how_to_load(fmt: str, folder: str, base: str, remote: bool = False) -> str:
     trust = ", trust_remote_code=True" if remote else ""  # the model class is code in the model folder
     if fmt == "adapter":
@@ -100,12 +110,14 @@ def model_card(run: Run, fmt: str, manifest: dict, folder: str) -> str:
     tunesmith.json (without files), ``folder`` the name users will load it by."""
     name = manifest["base_model"]
     hub = f"base_model: {name}\n" if "/" in str(name) and not str(name).startswith((".", "/")) else ""
-    library = "peft" if fmt == "adapter" else "transformers"
+    library = {"adapter": "peft", "gguf": "gguf"}.get(fmt, "transformers")
     tags = ["tunesmith", run.config.get("method") or run.manifest.get("method"),
             "lora" if run.is_adapter else "full-fine-tuning"]
     what = {"adapter": "a PEFT LoRA adapter (load it on the base model below)",
             "merged": "full weights: " + ("the adapter merged into the base (`merge_and_unload`)"
-                                          if run.is_adapter else "a full fine-tuning run")}[fmt]
+                                          if run.is_adapter else "a full fine-tuning run"),
+            "gguf": "one GGUF file for llama.cpp, Ollama and LM Studio"
+                    + (" (the adapter merged into the base first)" if run.is_adapter else "")}[fmt]
     parts = [
         f"---\nlibrary_name: {library}\n{hub}tags:\n" + "".join(f"- {t}\n" for t in tags) + "---",
         f"# {Path(folder).name}",
@@ -124,13 +136,21 @@ def model_card(run: Run, fmt: str, manifest: dict, folder: str) -> str:
     parts.append(f"Chat template: `{manifest.get('chat_template_source')}` (saved with the tokenizer).")
     parts.append("## Hyper-parameters\n\n" + _table(("setting", "value"), hyperparameters(run.config)))
     parts.append("## Results\n\n" + results(run))
-    how = _how_to_load(fmt, folder, manifest.get("adapter_base_path", ""), bool(manifest.get("trust_remote_code")))
+    how = _how_to_run_gguf(folder, manifest) if fmt == "gguf" else \
+        _how_to_load(fmt, folder, manifest.get("adapter_base_path", ""), bool(manifest.get("trust_remote_code")))
     if manifest.get("task") == "score":  # a reward model: a one-scalar classification head
         how = (how.replace("AutoModelForCausalLM", "AutoModelForSequenceClassification")
                .replace('.from_pretrained(\"' + folder + '\")', '.from_pretrained(\"' + folder + '\", num_labels=1)')
                .split("\n\nmessages =")[0] + "\n```\n\nScore a conversation: "
                "`tunesmith score " + folder + " --data FILE -o scores.jsonl`.")
     parts.append("## How to load\n\n" + how)
+    if fmt == "gguf":
+        parts.append("## Checking it\n\n`tunesmith.json` lists every file's sha256; "
+                     f"`tunesmith verify {folder}` reads the file back in a fresh process with transformers' GGUF "
+                     f"reader (logits within {manifest['reference']['rtol']:g}·max|logit| of the merged fp32 model) "
+                     "and with llama.cpp through llama-cpp-python when installed (same prompt tokens, same rendered "
+                     "chat template, same greedy tokens).")
+        return "\n\n".join(parts) + "\n"
     parts.append("## Checking it\n\n`tunesmith.json` lists every file's sha256 and the library versions used; "
                  f"`tunesmith verify {folder}` reloads this folder with plain transformers"
                  + (" + peft" if fmt == "adapter" else "")

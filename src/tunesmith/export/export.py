@@ -27,7 +27,16 @@ from tunesmith.infer.load import load_run_model, remote_code, run_tokenizer
 from tunesmith.models.runs import EXPORT_MANIFEST, Run, adapter_chain, base_folder, read_run, run_task
 from tunesmith.models.templates import stop_token_ids
 
-FORMATS = ("adapter", "merged")
+FORMATS = ("adapter", "merged", "gguf")
+# GGUF: max |Δlogit| ≤ rtol·max|logit| between transformers reading the file and the fp32
+# merged model. Measured on SmolLM2-135M (max|logit| 37.7): f16 0.053 (0.14%), bf16 0.251
+# (0.67%), q8_0 1.69 (4.5%), q4_0 20.8 (55%: 4 bits are lossy on a model this small — the
+# same-file comparison with llama.cpp below is what proves the q4_0 file is read right).
+GGUF_RTOL = {"f16": 5e-3, "bf16": 2e-2, "q8_0": 0.1, "q4_0": 0.75}
+# llama.cpp vs transformers on the same file: the weights are the same, but llama.cpp also
+# rounds activations (to f16/bf16, and to 8 bits for quantized matrices), so it is looser.
+# Measured on SmolLM2: f16 0.078 (0.21%), bf16 0.324 (0.86%), q8_0 2.58 (6.8%), q4_0 2.55 (7%).
+LLAMA_CPP_RTOL = {"f16": 1e-2, "bf16": 3e-2, "q8_0": 0.15, "q4_0": 0.2}
 FORMAT_VERSION = 1
 REFERENCE_FILE = "tunesmith_reference.safetensors"
 REFERENCE_PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -91,9 +100,19 @@ def _home_folders() -> set[Path]:
     return homes
 
 
-def _check_format(run: Run, fmt: str) -> None:
+def _check_format(run: Run, fmt: str, quant: str | None = None) -> None:
     if fmt not in FORMATS:
         raise TunesmithError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
+    if quant is not None and fmt != "gguf":
+        raise TunesmithError(f"--quant applies to --format gguf only, not {fmt}; drop it")
+    if fmt == "gguf":
+        from tunesmith.export.gguf import QUANTS
+
+        if (quant or "f16") not in QUANTS:
+            raise TunesmithError(f"--quant {quant!r} is not known; use one of {', '.join(QUANTS)}")
+        if run_task(run) != "causal":
+            raise TunesmithError("a reward model scores, it does not generate: GGUF is for chat models; export it "
+                                 "--format merged or adapter")
     if fmt == "adapter" and not run.is_adapter:
         raise TunesmithError(f"run {run.dir} is a full fine-tuning run and has no adapter; export it with "
                              f"--format merged")
@@ -196,10 +215,10 @@ def file_hashes(folder: Path) -> dict[str, dict]:
     return file_table(folder, skip=[EXPORT_MANIFEST], size_key="bytes")
 
 
-def _manifest(run: Run, fmt: str, base: Path, base_hash: str, adapter_base_path: Path) -> dict:
+def _manifest(run: Run, fmt: str, base: Path, base_hash: str, adapter_base_path: Path, quant: str = "f16") -> dict:
     from tunesmith.hardware import library_versions
 
-    m = {
+    m = {**({"quant": quant} if fmt == "gguf" else {}),
         "format_version": FORMAT_VERSION, "format": fmt, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": str(run.dir.resolve()), "method": run.manifest.get("method"), "task": run_task(run),
         "base_model": run.manifest.get("base_model"), "base_model_path": str(base),
@@ -214,7 +233,10 @@ def _manifest(run: Run, fmt: str, base: Path, base_hash: str, adapter_base_path:
         "reference": {"file": REFERENCE_FILE, "messages": REFERENCE_PROMPT, "dtype": "float32", "atol": ATOL,
                       "logits": "this folder's model, in the exporting process"},
     }
-    if fmt == "merged" and run.is_adapter:
+    if fmt == "gguf":
+        m["reference"].update(logits="the merged fp32 model, in the exporting process",
+                              rtol=GGUF_RTOL[m.get("quant", "f16")], llama_cpp_rtol=LLAMA_CPP_RTOL[m.get("quant", "f16")])
+    if fmt in ("merged", "gguf") and run.is_adapter:
         m["reference"].update(adapter_logits="the run's model with its adapter unmerged", merge_atol=MERGE_ATOL,
                               merge_rtol=MERGE_RTOL)
     if fmt == "adapter":
@@ -229,8 +251,36 @@ def _manifest(run: Run, fmt: str, base: Path, base_hash: str, adapter_base_path:
 # ---------------------------------------------------------------- the recipe
 
 
+def _write_gguf(run: Run, model, tokenizer, folder: Path, quant: str) -> dict:
+    """model-QUANT.gguf and an Ollama Modelfile beside it (export/gguf.py)."""
+    from tunesmith.export.gguf import modelfile, write_gguf
+
+    name = f"model-{quant}.gguf"
+    info = write_gguf(model, tokenizer, folder / name, quant=quant, name=run.dir.name)
+    if info["f16_for_shape"]:
+        console.info(f"GGUF: {len(info['f16_for_shape'])} tensor(s) written F16 (rows not a multiple of the "
+                     f"{quant} block): {', '.join(info['f16_for_shape'][:4])}")
+    stops = [tokenizer.decode([t]) for t in stop_token_ids(tokenizer, model.generation_config)]
+    (folder / "Modelfile").write_text(modelfile(name, stops, training_system_prompt(run)), encoding="utf-8")
+    return {"file": name, **info}
+
+
+def training_system_prompt(run: Run) -> str | None:
+    """The system prompt every training record that has one shares (None when none or several)."""
+    from tunesmith.data.validate import load_records
+
+    files = (run.config.get("data") or {}).get("train")
+    try:
+        records = load_records([files] if isinstance(files, str) else list(files or []))
+    except TunesmithError:
+        return None  # the data moved since training: the Modelfile goes without one
+    found = {m["content"] for r in records for k in ("messages", "prompt") for m in (r.get(k) or [])[:1]
+             if isinstance(r.get(k), list) and m.get("role") == "system"}
+    return found.pop() if len(found) == 1 else None
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, overwrite: bool = False,
-               verify: bool = True, max_shard_size: str = "2GB") -> Path:
+               verify: bool = True, max_shard_size: str = "2GB", quant: str | None = None) -> Path:
     """Export run ``run_dir`` in ``fmt`` to ``out`` (default RUN/export/FMT); returns ``out``.
 
     Refuses a run without final weights, a non-empty ``out`` (unless ``overwrite``, which
@@ -242,7 +292,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
     started = time.time()
     run = read_run(run_dir)
     out = Path(out) if out is not None else run.dir / "export" / fmt
-    _check_format(run, fmt)
+    _check_format(run, fmt, quant)
     _check_output(out, run, overwrite)
     base = base_folder(run)
     base_hash = _check_base(run, base)
@@ -256,15 +306,24 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
 
     console.info(f"loading run {run.dir} ({run.manifest.get('method')}, "
                  f"{'adapter' if run.is_adapter else 'full weights'}) on {base} in fp32 …")
+    if fmt == "gguf":
+        from transformers import AutoConfig
+
+        from tunesmith.export.gguf import check_exportable
+
+        check_exportable(AutoConfig.from_pretrained(base), tokenizer)  # refused before any weights load
     model = load_run_model(run, tokenizer)
     ref = reference_logits(model, tokenizer)
-    if fmt == "merged":
+    if fmt in ("merged", "gguf"):
         model = merge(model, tokenizer, ref)
-    manifest = _manifest(run, fmt, base, base_hash, on)
+    manifest = _manifest(run, fmt, base, base_hash, on, quant or "f16")
     with atomic_dir(out) as tmp:
-        WRITERS[fmt](run, model, tmp, max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        if run_task(run) == "causal":  # a reward model scores, it does not generate
+        if fmt == "gguf":
+            manifest["gguf"] = _write_gguf(run, model, tokenizer, tmp, quant or "f16")
+        else:
+            WRITERS[fmt](run, model, tmp, max_shard_size)
+            tokenizer.save_pretrained(tmp)
+        if run_task(run) == "causal" and fmt != "gguf":  # a reward model scores, it does not generate
             _generation_config(model, tokenizer).save_pretrained(tmp)
         save_file(ref, str(tmp / REFERENCE_FILE))
         from tunesmith.export.card import model_card
@@ -280,6 +339,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
             if not result.ok:
                 raise TunesmithError(f"the export of {run.dir} failed verification (see above) and was not written; "
                                      f"rerun with --no-verify to keep it and inspect it with `tunesmith verify`")
+            # what the fresh process proved, kept with the export (tunesmith.json is not among its own hashes)
+            manifest["verified"] = {"ok": True, "seconds": round(result.seconds, 1), "checks": result.checks}
+            (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     size = sum(f["bytes"] for f in manifest["files"].values())
     console.info(f"exported {fmt} to {out}: {len(manifest['files']) + 1} files, {size / 2**20:.1f} MiB, "
                  f"in {time.time() - started:.1f} s")

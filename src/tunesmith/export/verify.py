@@ -20,6 +20,7 @@ from tunesmith import console
 from tunesmith.errors import TunesmithError
 
 SCRIPT = Path(__file__).with_name("reload_check.py")
+GGUF_SCRIPT = Path(__file__).with_name("gguf_check.py")  # a GGUF export: transformers' GGUF reader and llama.cpp
 
 
 @dataclass
@@ -41,7 +42,12 @@ def verify_export(folder: str | Path, base: str | Path | None = None, timeout: f
     if not (folder / "tunesmith.json").is_file():
         raise TunesmithError(f"{folder} is not a tunesmith export (no tunesmith.json); export a run with "
                              f"`tunesmith export RUN_DIR --format adapter|merged`")
-    cmd = [sys.executable, "-I", str(SCRIPT), str(folder)] + (["--base", str(base)] if base else [])
+    try:
+        fmt = json.loads((folder / "tunesmith.json").read_text()).get("format")
+    except (OSError, ValueError):
+        fmt = None  # the script reports the unreadable manifest as its first check
+    script = GGUF_SCRIPT if fmt == "gguf" else SCRIPT
+    cmd = [sys.executable, "-I", str(script), str(folder)] + (["--base", str(base)] if base else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     started = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -57,7 +63,7 @@ def verify_export(folder: str | Path, base: str | Path | None = None, timeout: f
 def report(result: VerifyResult) -> None:
     """One console line per check, then the verdict."""
     for c in result.checks:
-        mark = "ok  " if c["ok"] else "FAIL"
+        mark = "skip" if c.get("skipped") else "ok  " if c["ok"] else "FAIL"
         (console.info if c["ok"] else console.warn)(f"verify {mark} {c['name']}: {c['detail']}")
     names = {c["name"]: c["ok"] for c in result.checks}
     if names.get("files") is False:
