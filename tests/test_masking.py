@@ -340,7 +340,7 @@ def injected_chat(template):
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_special_token_in_content_is_refused_by_default(template):
-    from tunesmith.data.tokenize import SpecialTokenError
+    from tunesmith.data.special_tokens import SpecialTokenError
 
     tok = make_tokenizer(template)
     _, chat = injected_chat(template)

@@ -30,7 +30,8 @@ import pytest
 from template_families import FAMILIES, make_family_tokenizer
 
 from tunesmith.data.render import ChatOptions
-from tunesmith.data.tokenize import IGNORE_INDEX, SpecialTokenError, tokenize_conversation, tokenize_prompt
+from tunesmith.data.special_tokens import SpecialTokenError
+from tunesmith.data.tokenize import IGNORE_INDEX, tokenize_conversation, tokenize_prompt
 from tunesmith.data.validate import load_records
 from tunesmith.errors import DataError
 

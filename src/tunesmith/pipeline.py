@@ -88,8 +88,16 @@ class ExportSpec(_Section):
     from_: str = Field(alias="from", description="the train stage to export")
     format: Literal["adapter", "merged", "gguf"] = Field(
         "merged", description="adapter, merged weights, or one GGUF file (llama.cpp / Ollama)")
-    quant: Optional[Literal["f16", "bf16", "q8_0", "q4_0"]] = Field(
-        None, description="GGUF tensor type (format gguf): f16 by default")
+    quant: Optional[str] = Field(None, description="GGUF tensor type (format gguf): f16 by default")
+
+    @field_validator("quant")
+    @classmethod
+    def _known_quant(cls, v: Optional[str]) -> Optional[str]:
+        from tunesmith.export.gguf import QUANTS  # the writer's own list, not a copy
+
+        if v is not None and v not in QUANTS:
+            raise ValueError(f"quant {v!r} is not known; use one of {', '.join(QUANTS)}")
+        return v
 
 
 class StageSpec(_Section):

@@ -209,22 +209,12 @@ def inspect(
 
 def _sequences(rec: dict, tokenizer, max_length, special: str, chat, where: str) -> tuple[list, str]:
     """[(name, TokenizedExample)] of one record as training sees it, and the template mode."""
-    from tunesmith.data.schema import kind_of
-    from tunesmith.data.tokenize import SpecialTokenError, tokenize_preference, tokenize_sequences, tokenize_training
+    from tunesmith.data.special_tokens import SpecialTokenError
+    from tunesmith.data.tokenize import training_sequences
 
-    kind = kind_of(rec)
     try:
-        if kind == "preference":
-            pe = tokenize_preference(rec, tokenizer, max_length=max_length, special_tokens_in_content=special,
-                                     chat=chat)
-            return [("chosen", pe.chosen), ("rejected", pe.rejected)], "append"
-        if kind == "sft":
-            conv = tokenize_training(rec, tokenizer, max_length=max_length, special_tokens_in_content=special,
-                                     chat=chat)
-            many = len(conv.examples) > 1
-            return [(f"sft, turn {k + 1} of {len(conv.examples)}" if many else kind, ex)
-                    for k, ex in enumerate(conv.examples)], conv.mode
-        return [(kind, ex) for ex in tokenize_sequences(rec, tokenizer, max_length=max_length,
-                                                         special_tokens_in_content=special, chat=chat)], "append"
+        shown, conv = training_sequences(rec, tokenizer, max_length=max_length, special_tokens_in_content=special,
+                                         chat=chat)
     except SpecialTokenError as e:
         raise TunesmithError(f"{where}, {e.field}: {e.reason} (or pass --special-tokens-in-content text)") from None
+    return shown, conv.mode if conv is not None else "append"

@@ -74,7 +74,6 @@ from tunesmith.errors import TunesmithError
 
 REASONING = ("train", "answer_only", "drop")
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
-MODES = ("append", "per-turn")
 # Adaptations, in the order they are tried (see the module docstring).
 _ADAPTATIONS = ("string_arguments", "call_ids", "inline_calls", "tool_as_user", "fold_system")
 
@@ -497,7 +496,8 @@ def turns(messages: list[Message], tools, tokenizer, opts: ChatOptions = DEFAULT
     """The trained assistant turns (index >= first), the whole render, and the adaptation used."""
     adapt = adaptation(messages, tools, tokenizer, opts) if adapt is None else adapt
     msgs, tls, where = prepare(messages, tools, tokenizer, opts, adapt)
-    plain = prepare(messages, tools, tokenizer, ChatOptions("drop", opts.template_kwargs), adapt)[0]
+    traced = opts.reasoning != "drop" and any(m.get("reasoning") for m in messages)
+    plain = prepare(messages, tools, tokenizer, ChatOptions("drop", opts.template_kwargs), adapt)[0] if traced else msgs
     full = render(tokenizer, msgs, tls, False, opts)
     idx = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
     out = []

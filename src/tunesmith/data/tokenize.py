@@ -41,19 +41,7 @@ mode); ``tokenize_messages`` / ``tokenize_record`` are the one-sequence forms.
 Tools, tool calls and reasoning are put where the template takes them, or adapted
 (``render.py``: "Reasoning", "Adapting a conversation to a template").
 
-Special tokens inside content (``special_tokens_in_content``)
---------------------------------------------------------------
-A tokenizer reads its special tokens (``<|im_end|>``, ``<|eot_id|>``, ``</s>``…) wherever
-they appear in text, so a response holding ``<|im_end|>\n<|im_start|>user\n…`` would
-train a fake user turn inside the assistant span. ``"error"`` (default) refuses such a
-record with ``SpecialTokenError`` naming the field (``messages.1.content``) and the token.
-``"text"`` keeps them as plain text: while the template renders, each occurrence in the
-record's strings is a same-length run of a private-use character (so every character
-position, and with it the assistant spans above, stays the same); the rendered text then
-gets the tokens back and is encoded piece by piece, the template's own text with
-special-token parsing and the record's occurrences without it. The contract above holds
-unchanged: only the ids inside those pieces differ (ordinary text tokens). Records
-without special tokens tokenize identically under both settings.
+Special tokens inside content (``special_tokens_in_content``): ``special_tokens.py``.
 
 Truncation (``max_length``, in tokens)
 --------------------------------------
@@ -70,34 +58,17 @@ whose trained response tokens would all be cut is refused the same way.
 
 from __future__ import annotations
 
-import functools
-import itertools
-import json
-import re
 from dataclasses import dataclass
-from typing import Any
 
 from tunesmith.data import render
-from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions, accepts_tools, renders_tool_calls  # noqa: F401
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
 from tunesmith.data.schema import Message, Record, kind_of
+from tunesmith.data.special_tokens import AsText, as_text, encode_piece
 from tunesmith.errors import TunesmithError
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "last", "all")
 ON_OVERFLOW = ("error", "drop")
-SPECIAL_TOKENS_IN_CONTENT = ("error", "text")
-
-
-class SpecialTokenError(TunesmithError):
-    """A record's text holds a special token; ``field`` is its dotted path in the record."""
-
-    def __init__(self, field: str, token: str):
-        self.field, self.token = field, token
-        self.reason = (f"contains the special token `{token}`, which the tokenizer would read as a control token "
-                       "(e.g. a fake turn boundary); remove it, or set `data.special_tokens_in_content: text` to "
-                       "keep it as plain text")
-        super().__init__(f"{field}: {self.reason} (`tunesmith data check FILE --model MODEL` lists every record "
-                         "that has one)")
 
 
 @dataclass
@@ -124,134 +95,12 @@ class UnpairedExample:
     desirable: bool
 
 
-# -- special tokens inside content ------------------------------------------------------
-
-
-def special_tokens(tokenizer) -> tuple[str, ...]:
-    """The strings this tokenizer reads as special tokens wherever they appear, longest first."""
-    found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    found |= set(getattr(tokenizer, "all_special_tokens", ()))
-    return tuple(sorted((t for t in found if t and not t.isspace()), key=lambda t: (-len(t), t)))
-
-
-@functools.lru_cache(maxsize=32)
-def _pattern(tokens: tuple[str, ...]) -> re.Pattern:
-    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")  # (?!) never matches
-
-
-def _strings(obj: Any, path: str):
-    """(dotted path, string) of every string value in obj; dict keys are names, not text."""
-    if isinstance(obj, str):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _strings(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _strings(v, f"{path}.{i}")
-
-
-def find_special_token(record: Record, tokenizer) -> tuple[str, str] | None:
-    """(field, token) of the first special token in the record's text (``meta`` is never rendered)."""
-    find = _pattern(special_tokens(tokenizer))
-    for key, value in record.items():
-        if key == "meta":
-            continue
-        for path, text in _strings(value, key):
-            m = find.search(text)
-            if m:
-                return path, m.group()
-    return None
-
-
-class _AsText:
-    """Keeps the special tokens of a record's strings as plain text (see the module docstring)."""
-
-    BASE = 0xF0000  # Supplementary Private Use Area-A: no tokenizer or template gives it meaning
-
-    def __init__(self, tokenizer):
-        self.tokens = special_tokens(tokenizer)
-        self.char = {t: chr(self.BASE + j) for j, t in enumerate(self.tokens)}
-        self.token = {c: t for t, c in self.char.items()}
-        self.find = _pattern(self.tokens)
-        self.runs = re.compile("[" + "".join(self.token) + "]+")
-        self.special_ids = set(tokenizer.all_special_ids)
-
-    def mark(self, obj: Any) -> Any:
-        if isinstance(obj, str):
-            if self.runs.search(obj):
-                raise TunesmithError(f"a record's text holds the private-use character "
-                                     f"U+{ord(self.runs.search(obj).group()[0]):X}, which "
-                                     "`special_tokens_in_content: text` reserves; remove it")
-            return self.find.sub(lambda m: self.char[m.group()] * len(m.group()), obj)
-        if isinstance(obj, dict):
-            return {k: self.mark(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [self.mark(v) for v in obj]
-        return obj
-
-    def restore(self, text: str) -> tuple[str, list[tuple[int, int]]]:
-        """(text with the tokens back, [(start, end)] of the pieces that stay plain text)."""
-        out, ranges, pos = [], [], 0
-        for m in self.runs.finditer(text):
-            out.append(text[pos:m.start()])
-            for c, group in itertools.groupby(m.group()):
-                n, tok = len(list(group)), self.token[c]
-                if n % len(tok):
-                    raise TunesmithError(f"the chat template cut the special token `{tok}` written in a record's "
-                                         "text, so it cannot be kept as plain text; remove it from the data")
-                out.append(tok * (n // len(tok)))
-            ranges.append((m.start(), m.end()))
-            pos = m.end()
-        out.append(text[pos:])
-        return "".join(out), ranges
-
-    def encode(self, tokenizer, piece: str, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
-        """One piece of the text without special-token parsing, as the tokens it holds."""
-        ids, offsets = _encode_piece(tokenizer, piece, first, as_text=True)
-        if self.special_ids & set(ids):
-            raise TunesmithError(f"this tokenizer makes a special token from the plain text {piece!r}, so it "
-                                 "cannot be kept as text; remove it from the data")
-        return ids, offsets
-
-
-def _as_text(record: Record, tokenizer, special_tokens_in_content: str) -> _AsText | None:
-    """None when the record holds no special token; refused under "error"; else the keeper."""
-    if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
-        raise TunesmithError(f"special_tokens_in_content must be one of {SPECIAL_TOKENS_IN_CONTENT}, not "
-                             f"{special_tokens_in_content!r}")
-    hit = find_special_token(record, tokenizer)
-    if hit is None:
-        return None
-    if special_tokens_in_content == "error":
-        raise SpecialTokenError(*hit)
-    return _AsText(tokenizer)
-
-
-def _encode_piece(tokenizer, piece: str, first: bool, as_text: bool = False):
-    split = {"split_special_tokens": True} if as_text else {}
-
-    def enc(text):
-        e = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, **split)
-        return list(e["input_ids"]), list(e["offset_mapping"])
-
-    if first:
-        return enc(piece)
-    # A piece cut from the middle is encoded after a newline that is then dropped, so that a
-    # SentencePiece tokenizer adds no word-start marker at the cut (transformers' encode_marked_chat).
-    nl, _ = enc("\n")
-    ids, offsets = enc("\n" + piece)
-    if ids[:len(nl)] == nl and all(s >= 1 for s, _ in offsets[len(nl):]):
-        return ids[len(nl):], [(s - 1, e - 1) for s, e in offsets[len(nl):]]
-    return enc(piece)
-
-
-def _encode(tokenizer, text: str, shift: int = 0, keep: _AsText | None = None, first: bool = True
+def _encode(tokenizer, text: str, shift: int = 0, keep: AsText | None = None, first: bool = True
             ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids and character offsets (+ shift); with ``keep``, ``text`` is marked (see _AsText).
+    """Ids and character offsets (+ shift); with ``keep``, ``text`` is marked (see AsText).
     ``first=False``: ``text`` continues a sequence (no word-start marker at its start)."""
     if keep is None:
-        ids, offsets = _encode_piece(tokenizer, text, first=first)
+        ids, offsets = encode_piece(tokenizer, text, first=first)
         return ids, [(s + shift, e + shift) for s, e in offsets]
     text, ranges = keep.restore(text)
     bounds = sorted({0, len(text), *(x for r in ranges for x in r)})
@@ -260,7 +109,7 @@ def _encode(tokenizer, text: str, shift: int = 0, keep: _AsText | None = None, f
     for a, b in zip(bounds, bounds[1:]):
         piece = text[a:b]
         p_ids, p_offs = keep.encode(tokenizer, piece, first and a == 0) if (a, b) in plain else \
-            _encode_piece(tokenizer, piece, first and a == 0)
+            encode_piece(tokenizer, piece, first and a == 0)
         ids += p_ids
         offsets += [(s + a + shift, e + a + shift) for s, e in p_offs]
     return ids, offsets
@@ -347,7 +196,7 @@ class Formatting:
 
 def _marked(record: Record, tokenizer, special_tokens_in_content: str):
     """(keeper or None, the record's messages/tools with special tokens marked when kept as text)."""
-    keep = _as_text(record, tokenizer, special_tokens_in_content)
+    keep = as_text(record, tokenizer, special_tokens_in_content)
     return keep, (record if keep is None else keep.mark(record))
 
 
@@ -429,8 +278,8 @@ def tokenize_messages(messages: list[Message], tokenizer, **kw) -> TokenizedExam
 def tokenize_text(text: str, tokenizer, *, max_length=None, on_overflow="error",
                   special_tokens_in_content: str = "error") -> TokenizedExample | None:
     """Language modelling: the tokenizer's own special tokens (BOS if it adds one) + EOS."""
-    as_text = _as_text({"text": text}, tokenizer, special_tokens_in_content) is not None
-    split = {"split_special_tokens": True} if as_text else {}
+    kept = as_text({"text": text}, tokenizer, special_tokens_in_content) is not None
+    split = {"split_special_tokens": True} if kept else {}
     ids = list(tokenizer(text, add_special_tokens=True, **split)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
@@ -440,7 +289,7 @@ def tokenize_text(text: str, tokenizer, *, max_length=None, on_overflow="error",
 # -- prompt + responses: truncate the prompt from the left first -----------------------
 
 
-def _prompt_ids(tokenizer, prompt: list[Message], tools, keep: _AsText | None = None,
+def _prompt_ids(tokenizer, prompt: list[Message], tools, keep: AsText | None = None,
                 chat: ChatOptions = DEFAULT_OPTIONS, adapt: frozenset | None = None) -> tuple[str, list[int], int]:
     """(prompt text with generation prompt, its ids, tokens to keep at least when cut)."""
     text, bare = render.prompt_text(prompt, tools, tokenizer, chat, adapt)
@@ -594,6 +443,27 @@ def tokenize_training(record: Record, tokenizer, **kw) -> TokenizedConversation 
         return tokenize_conversation(record["messages"], tokenizer, tools=record.get("tools"), **kw)
     exs = tokenize_sequences(record, tokenizer, **kw)
     return None if exs is None else TokenizedConversation(exs, "append", exs[0].n_tokens)
+
+
+def training_sequences(record: Record, tokenizer, **kw
+                       ) -> tuple[list[tuple[str, TokenizedExample]], TokenizedConversation | None] | None:
+    """Every sequence training makes of any record, named as ``data inspect`` shows them
+    ("chosen"/"rejected", "sft, turn k of n", the kind), with the SFT or text record's
+    TokenizedConversation (None for the others); None when every trained token is cut
+    (``on_overflow="drop"``). Keywords as ``tokenize_sequences``; ``train_on`` is not used for
+    pairs."""
+    kind = kind_of(record)
+    if kind == "preference":
+        pe = tokenize_preference(record, tokenizer, **{k: v for k, v in kw.items() if k != "train_on"})
+        return None if pe is None else ([("chosen", pe.chosen), ("rejected", pe.rejected)], None)
+    if kind in ("sft", "text"):
+        conv = tokenize_training(record, tokenizer, **kw)
+        if conv is None:
+            return None
+        n = len(conv.examples)
+        return [(f"sft, turn {k + 1} of {n}" if n > 1 else kind, ex) for k, ex in enumerate(conv.examples)], conv
+    exs = tokenize_sequences(record, tokenizer, **kw)
+    return None if exs is None else ([(kind, ex) for ex in exs], None)
 
 
 def tokenize_record(record: Record, tokenizer, **kw) -> TokenizedExample | None:

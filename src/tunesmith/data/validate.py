@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.formats import normalise_records
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
 from tunesmith.data.readers import SUFFIXES, RecordProblem, read_raw
 from tunesmith.data.schema import Record, kind_of
 from tunesmith.errors import DataError, TunesmithError
@@ -128,7 +129,7 @@ def _dedupe_key(rec: Record) -> str:
 
 def check_file(path: str | Path, *, format: str | None = None, columns: dict[str, str] | None = None,
                tokenizer=None, max_length: int | None = None, special_tokens_in_content: str = "error",
-               chat=None) -> FileReport:
+               chat: ChatOptions = DEFAULT_OPTIONS) -> FileReport:
     """Read, normalise and validate one file; every problem lands in the report."""
     rep = FileReport(str(path))
     try:
@@ -158,34 +159,26 @@ def check_files(paths: Iterable[str | Path], **kw: Any) -> Report:
     return Report([check_file(p, **kw) for p in paths])
 
 
-def _tokenize(rec: Record, tokenizer, max_length: int | None, special: str = "error", chat=None):
+def _tokenize(rec: Record, tokenizer, max_length: int | None, special: str, chat):
     """(the record's sequences as training tokenizes them or None when all trained tokens are
     cut, the SFT conversation's TokenizedConversation or None)."""
-    from tunesmith.data.render import DEFAULT_OPTIONS
-    from tunesmith.data.tokenize import tokenize_preference, tokenize_sequences, tokenize_training
+    from tunesmith.data.tokenize import training_sequences
 
-    chat = chat or DEFAULT_OPTIONS
-    kind = kind_of(rec)
-    if kind == "preference":
-        pe = tokenize_preference(rec, tokenizer, max_length=max_length, on_overflow="drop",
-                                 special_tokens_in_content=special, chat=chat)
-        return (None if pe is None else [pe.chosen, pe.rejected]), None
-    if kind in ("sft", "text"):
-        conv = tokenize_training(rec, tokenizer, max_length=max_length, on_overflow="drop",
-                                 special_tokens_in_content=special, chat=chat)
-        return (None, None) if conv is None else (conv.examples, conv)
-    return tokenize_sequences(rec, tokenizer, max_length=max_length, on_overflow="drop",
-                              special_tokens_in_content=special, chat=chat), None
+    got = training_sequences(rec, tokenizer, max_length=max_length, on_overflow="drop",
+                             special_tokens_in_content=special, chat=chat)
+    return (None, None) if got is None else ([ex for _, ex in got[0]], got[1])
 
 
-def token_stats(rep: FileReport, tokenizer, max_length: int | None, special: str = "error", chat=None) -> TokenStats:
+def token_stats(rep: FileReport, tokenizer, max_length: int | None, special: str = "error",
+                chat: ChatOptions = DEFAULT_OPTIONS) -> TokenStats:
     """Token-length distribution and the cost of ``max_length``; template problems become errors.
 
     The cost is measured by tokenizing as training does: SFT loses tokens from the right,
     preference and unpaired records lose prompt tokens from the left first. A conversation
     under a history-rewriting template counts its longest per-turn sequence, and the file's
     ``formatting`` says what the per-turn mode costs."""
-    from tunesmith.data.tokenize import Formatting, SpecialTokenError
+    from tunesmith.data.special_tokens import SpecialTokenError
+    from tunesmith.data.tokenize import Formatting
 
     st = TokenStats(max_length)
     lengths = []
@@ -246,7 +239,7 @@ def summarise(errors: list[DataError], paths: list[str]) -> DataError:
 
 
 def _special_token_errors(rep: FileReport, tokenizer) -> None:
-    from tunesmith.data.tokenize import SpecialTokenError, find_special_token
+    from tunesmith.data.special_tokens import SpecialTokenError, find_special_token
 
     for line, rec in rep.entries:
         hit = find_special_token(rec, tokenizer)

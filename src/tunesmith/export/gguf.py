@@ -147,11 +147,10 @@ def _tokenizer_kv(writer, tokenizer, model_type: str) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(_merges(spec))
-    for name, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                      ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
+    for add, tid in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
+                     (writer.add_pad_token_id, tokenizer.pad_token_id), (writer.add_unk_token_id, tokenizer.unk_token_id)):
         if tid is not None:
-            getattr(writer, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "pad": "add_pad_token_id",
-                             "unk": "add_unk_token_id"}[name])(int(tid))
+            add(int(tid))
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     writer.add_add_bos_token(bool(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]))
     writer.add_add_eos_token(False)

@@ -74,7 +74,7 @@ def hf_greedy(model, ids, eos: set[int]) -> tuple[list[int], list[float]]:
         out = model.generate(ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=next(iter(eos), 0),
                              output_scores=True, return_dict_in_generate=True)
     new = out.sequences[0, ids.shape[1]:].tolist()
-    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    margins = [float(top[0] - top[1]) for top in (s[0].topk(2).values for s in out.scores)]
     n = next((k + 1 for k, t in enumerate(new) if t in eos), len(new))
     return new[:n], margins[:n]
 

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from tunesmith import console
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
 from tunesmith.data.tokenize import tokenize_prompt
 from tunesmith.infer import GENERATION_BATCH
 from tunesmith.models.adapters import merged_adapter
@@ -71,7 +72,7 @@ class _Bar:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = GENERATION_BATCH,
-             progress: bool = False, chat=None) -> list[str]:
+             progress: bool = False, chat: ChatOptions = DEFAULT_OPTIONS) -> list[str]:
     """One completion per prompt (a message list ending with a user turn), in input order.
 
     Prompts are rendered with the chat template and its generation prompt
@@ -83,7 +84,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     caller's global RNG state is left as it was).
     """
     config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
-    ids = [tokenize_prompt(p, tokenizer, **({"chat": chat} if chat is not None else {})) for p in prompts]
+    ids = [tokenize_prompt(p, tokenizer, chat=chat) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
     bar = _Bar(progress, len(ids), "generate")
@@ -105,7 +106,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
 
 
 def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0, chat=None) -> Iterator[str]:
+           top_p: float = 1.0, seed: int = 0, chat: ChatOptions = DEFAULT_OPTIONS) -> Iterator[str]:
     """The reply to one conversation as text pieces, as they are decoded (for chat).
 
     ``model.generate`` runs in a thread feeding a ``TextIteratorStreamer``; the pieces
@@ -116,8 +117,7 @@ def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256,
     from transformers import TextIteratorStreamer
 
     config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
-    input_ids = torch.tensor([tokenize_prompt(messages, tokenizer, **({"chat": chat} if chat is not None else {}))],
-                             dtype=torch.long)
+    input_ids = torch.tensor([tokenize_prompt(messages, tokenizer, chat=chat)], dtype=torch.long)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 

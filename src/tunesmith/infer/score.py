@@ -10,19 +10,20 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.batches import pad_batch
+from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
 from tunesmith.data.tokenize import tokenize_unpaired
 from tunesmith.models.forward import SequenceScores
 
 
 def score_conversations(model, tokenizer, prompts: list[list[dict]], completions: list[str], *,
-                        max_length: int | None = None, batch_size: int = 8, chat=None) -> list[float]:
+                        max_length: int | None = None, batch_size: int = 8,
+                        chat: ChatOptions = DEFAULT_OPTIONS) -> list[float]:
     """Scores of ``completions`` (assistant text) after their prompt conversations, with the
     tokenizer's chat template (``chat``: ``data.render.ChatOptions`` the scorer trained with)
     and the same truncation as training (prompt cut from the left first); nan where nothing
     of the completion fits."""
-    opts = {"chat": chat} if chat is not None else {}
     exs = [tokenize_unpaired({"prompt": p, "completion": [{"role": "assistant", "content": c}], "label": True},
-                             tokenizer, max_length=max_length, on_overflow="drop", **opts)
+                             tokenizer, max_length=max_length, on_overflow="drop", chat=chat)
            for p, c in zip(prompts, completions)]
     scorer = SequenceScores(model)
     device = next(model.parameters()).device
