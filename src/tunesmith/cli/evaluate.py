@@ -26,7 +26,7 @@ from tunesmith.infer import GENERATION_BATCH
 
 _MODELS = "models: run folders, exports, base model names/folders or adapter folders"
 _SUITE = ("instruction_following, refusal_harmful, refusal_benign, accuracy, loss, preference; NAME=FILE for your "
-          "records; or a suite/prompt file (repeatable)")
+          "records; a suite/prompt file; or lm-eval:TASK[,TASK...] (lm-evaluation-harness) (repeatable)")
 
 # Options shared by eval and compare (typer reads these default objects, it does not mutate them).
 MAX_NEW_TOKENS = typer.Option(256, "--max-new-tokens", help="tokens generated at most per prompt")
@@ -39,6 +39,20 @@ MAX_LENGTH = typer.Option(None, "--max-length", help="tokens per scored sequence
 DATA = typer.Option(None, "--data", help="your records for the accuracy, loss or preference suite")
 OUTPUT = typer.Option(None, "--output", "-o", help="folder for eval.json + generations.jsonl")
 MC = typer.Option("generate", "--mc", help="multiple choice by 'generate' (read the letter) or 'loglik'")
+LM_EVAL_INCLUDE = typer.Option(None, "--lm-eval-include", help="a folder of lm-eval task YAML files for the "
+                               "lm-eval:TASK suites (repeatable)")
+LM_EVAL_FEWSHOT = typer.Option(None, "--lm-eval-fewshot", help="few-shot examples per lm-eval task (default: the "
+                               "task's own)")
+LM_EVAL_CHAT = typer.Option(False, "--lm-eval-chat-template", help="lm-eval prompts through the model's chat "
+                            "template (the run's own)")
+
+
+def _harness(include: list[Path] | None, fewshot: int | None, chat_template: bool) -> dict:
+    """The lm-eval suites' settings (EvalSettings.lm_eval_*)."""
+    if fewshot is not None and fewshot < 0:
+        raise TunesmithError(f"--lm-eval-fewshot {fewshot} is negative; give 0 or more examples")
+    return {"lm_eval_include": tuple(str(p) for p in include or ()), "lm_eval_fewshot": fewshot,
+            "lm_eval_chat_template": chat_template}
 
 
 def _settings(max_new_tokens: int, batch_size: int, limit: int | None, temperature: float, top_p: float, seed: int,
@@ -76,6 +90,9 @@ def eval_(
     classifier: Optional[Path] = typer.Option(None, "--classifier", help="a reward-model run that also labels "
                                               "refusals (score above --classifier-threshold = refusal)"),
     classifier_threshold: float = typer.Option(0.0, "--classifier-threshold", help="refusal score threshold"),
+    lm_eval_include: Optional[list[Path]] = LM_EVAL_INCLUDE,
+    lm_eval_fewshot: Optional[int] = LM_EVAL_FEWSHOT,
+    lm_eval_chat_template: bool = LM_EVAL_CHAT,
 ) -> None:
     from tunesmith.evaluate.compare import metrics_table
     from tunesmith.evaluate.runner import run_eval
@@ -87,7 +104,8 @@ def eval_(
     if method not in SCORERS:
         raise TunesmithError(f"--method {method!r} is not a scoring method; use one of {', '.join(SCORERS)}")
     settings = _settings(max_new_tokens, batch_size, limit, temperature, top_p, seed, max_length, mc, method=method,
-                         classifier=str(classifier) if classifier else None, classifier_threshold=classifier_threshold)
+                         classifier=str(classifier) if classifier else None, classifier_threshold=classifier_threshold,
+                         **_harness(lm_eval_include, lm_eval_fewshot, lm_eval_chat_template))
     specs = [(models[0], str(adapter))] if adapter is not None else models
     result, out = run_eval(specs, suite, settings, data, output)
     console.out.print(metrics_table(result))
@@ -111,12 +129,16 @@ def compare(
     seed: int = SEED,
     max_length: Optional[int] = MAX_LENGTH,
     mc: str = MC,
+    lm_eval_include: Optional[list[Path]] = LM_EVAL_INCLUDE,
+    lm_eval_fewshot: Optional[int] = LM_EVAL_FEWSHOT,
+    lm_eval_chat_template: bool = LM_EVAL_CHAT,
 ) -> None:
     from tunesmith.evaluate.compare import comparison_tables, compare_models
     from tunesmith.evaluate.report import build_report
     from tunesmith.evaluate.runner import write_results
 
-    settings = _settings(max_new_tokens, batch_size, limit, temperature, top_p, seed, max_length, mc)
+    settings = _settings(max_new_tokens, batch_size, limit, temperature, top_p, seed, max_length, mc,
+                         **_harness(lm_eval_include, lm_eval_fewshot, lm_eval_chat_template))
     result = compare_models(models, prompts, max_new_tokens, batch_size, limit, settings=settings, data=data)
     out = write_results(result, output or Path("evals") / datetime.now().strftime("compare-%Y%m%d-%H%M%S"))
     for table in comparison_tables(result):

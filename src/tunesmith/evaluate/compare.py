@@ -32,6 +32,7 @@ from rich.text import Text
 
 from tunesmith.errors import TunesmithError
 from tunesmith.infer import GENERATION_BATCH
+from tunesmith.evaluate.harness import is_harness
 from tunesmith.evaluate.runner import SUITES, EvalSettings, SuiteSpec, evaluate_models, headline, prompt_suite
 from tunesmith.evaluate.stats import paired_diff
 
@@ -40,7 +41,8 @@ def _is_suite(x: Any) -> bool:
     if isinstance(x, SuiteSpec):
         return True
     name, _, file = str(x).partition("=")
-    return str(x) in SUITES or (bool(file) and name in SUITES) or Path(str(x)).is_file()
+    return (str(x) in SUITES or (bool(file) and name in SUITES) or is_harness(str(x))
+            or Path(str(x)).is_file())
 
 
 def as_suites(prompts_or_suite: Any) -> list:

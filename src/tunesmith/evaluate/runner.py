@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from tunesmith import console
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import likelihood
+from tunesmith.evaluate import harness, likelihood
 from tunesmith.evaluate.instructions import score_instructions
 from tunesmith.evaluate.refusal import REFUSAL_PATTERNS, score_refusal
 from tunesmith.evaluate.scoring import BUILTIN_SUITES, SUITE_KINDS, load_suite, score_accuracy
@@ -74,6 +74,9 @@ class EvalSettings:
     method: str = "exact_match"  # scoring method of accuracy records that name none
     classifier: str | None = None  # a reward-model folder that also labels refusals: score > threshold
     classifier_threshold: float = 0.0
+    lm_eval_include: tuple[str, ...] = ()  # folders of lm-eval task YAML (the lm-eval:TASK suites; harness.py)
+    lm_eval_fewshot: int | None = None  # few-shot examples per lm-eval task; None: the task's own num_fewshot
+    lm_eval_chat_template: bool = False  # lm-eval prompts through the model's (the run's) chat template
     progress: bool = False  # progress bars on stderr
 
     def chat(self):
@@ -132,10 +135,22 @@ class SuiteSpec:
     higher_is_better: bool = True
     takes_data: bool = False  # --data goes to this suite
     classified: bool = False  # the optional refusal classifier also labels its responses
+    answers: bool = False  # ``measure`` also returns the model's answer to each record (``responses``)
+    kind_name: str | None = None  # a kind of its own (``"lm-eval"``: run by lm-evaluation-harness, harness.py)
 
     @property
     def kind(self) -> str:
-        return "likelihood" if self.measure is not None else "generation"
+        return self.kind_name or ("likelihood" if self.measure is not None else "generation")
+
+    @property
+    def shows_outputs(self) -> bool:
+        """Its prompts and the models' answers go into eval.json (side by side, regressions)."""
+        return self.measure is None or self.answers
+
+    @property
+    def generates(self) -> bool:
+        """It needs a model that produces text (not a reward model)."""
+        return self.measure is None or self.kind_name == "lm-eval"
 
 
 SUITES: dict[str, SuiteSpec] = {}
@@ -196,6 +211,15 @@ register_suite(SuiteSpec(
 register_suite(SuiteSpec(
     "preference", "held-out pairs ranked right (chosen above rejected) by reward model or implicit reward",
     likelihood.preference_records, "accuracy", measure=likelihood.measure_preference, takes_data=True))
+
+
+def harness_suite(task: str) -> SuiteSpec:
+    """An lm-evaluation-harness task as a suite (``harness.py``): lm-eval's prompts and
+    metrics; its headline metric is named once it ran."""
+    return SuiteSpec(f"{harness.PREFIX}{task}", f"lm-evaluation-harness task {task} (lm-eval's prompts and metrics)",
+                     lambda inp: harness.records(task, inp.settings.lm_eval_include), None,
+                     measure=lambda subject, recs, st: harness.measure(task, subject, recs, st), answers=True,
+                     kind_name="lm-eval")
 
 
 def _prompt_record(r: dict, i: int) -> dict:
@@ -259,6 +283,9 @@ def resolve_suites(suites: list, data: str | Path | None = None) -> list[tuple[S
         if isinstance(s, SuiteSpec):
             out.append((s, None))
             continue
+        if harness.is_harness(str(s)):  # lm-eval:TASK[,TASK...]: one suite per task
+            out += [(harness_suite(task), None) for task in harness.task_names(str(s))]
+            continue
         name, _, file = str(s).partition("=")
         if file and name in SUITES:
             out.append((SUITES[name], file))
@@ -301,6 +328,7 @@ def run_suite(spec: SuiteSpec, subject: Subject, records: list[dict], settings: 
     responses: list[str] | None = None
     if spec.measure is not None:
         outcome = spec.measure(subject, records, settings)
+        responses = outcome.pop("responses", None) if spec.answers else None
     else:
         responses = spec.respond(subject, records, settings) if spec.respond else [None] * len(records)
         todo = [i for i, r in enumerate(responses) if r is None]
@@ -364,7 +392,7 @@ def evaluate_models(specs: list[str], suites: list, settings: EvalSettings | Non
             raise TunesmithError(f"suite {spec.name} has no records")
         plan.append((spec, records))
     scorer = next((m for m in pool.members if m.is_scorer), None)
-    if scorer is not None and any(s.kind == "generation" for s, _ in plan):
+    if scorer is not None and any(s.generates for s, _ in plan):
         raise TunesmithError(f"{scorer.label} is a reward model: it scores text but cannot generate; "
                              f"evaluate it with --suite preference")
     classifier = RefusalClassifier(settings.classifier, settings.classifier_threshold) if settings.classifier else None
@@ -375,22 +403,34 @@ def evaluate_models(specs: list[str], suites: list, settings: EvalSettings | Non
             console.info(f"{member.describe}")
             for spec, records in plan:
                 outcome, responses = run_suite(spec, Subject(member, model, pool), records, settings)
+                _named_metric(result, spec, outcome)
                 if classifier is not None and spec.classified:
                     classifier.label(outcome, records, responses, settings.batch_size)
                 result["results"][spec.name][member.label] = outcome
                 if responses is not None:
                     result["outputs"][spec.name][member.label] = responses
-                console.info(f"  {spec.name}: {format_headline(outcome['aggregate'], spec.metric)}")
+                console.info(f"  {spec.name}: "
+                             f"{format_headline(outcome['aggregate'], result['suites'][spec.name]['metric'])}")
         info = next(m for m in result["models"] if m["label"] == member.label)
         info["seconds"] = round(time.perf_counter() - start, 2)
     result["metrics"] = headlines(result)
     return result
 
 
+def _named_metric(result: dict, spec: SuiteSpec, outcome: dict) -> None:
+    """A suite whose headline metric is known only once it ran (an lm-eval task's first
+    metric) names it in its outcome: it becomes the suite's ``metric``."""
+    metric = outcome.pop("metric", None)
+    if spec.metric is None and metric is not None:
+        info = result["suites"][spec.name]
+        info["metric"] = metric
+        info["higher_is_better"] = outcome["aggregate"].get("higher_is_better", info["higher_is_better"])
+
+
 def _new_result(pool: ModelPool, plan: list[tuple[SuiteSpec, list[dict]]], settings: EvalSettings) -> dict:
     from tunesmith import __version__
 
-    gen = [(s, r) for s, r in plan if s.kind == "generation"]
+    gen = [(s, r) for s, r in plan if s.shows_outputs]
     return {
         "created": datetime.now().isoformat(timespec="seconds"), "tunesmith": __version__,
         "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},

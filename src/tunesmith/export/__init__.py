@@ -8,7 +8,7 @@ An exported folder holds the weights (a PEFT adapter, or merged sharded safetens
 the tokenizer with the chat template used in training, ``generation_config.json``, a
 model card (``README.md``), reference logits for a fixed prompt
 (``tunesmith_reference.safetensors``) and ``tunesmith.json``: base model, every file's
-sha256, library versions.
+sha256, library versions, and whether vLLM serves it (``"vllm"``, from ``export/vllm.py``).
 """
 
 from tunesmith.export.export import FORMATS, export_run

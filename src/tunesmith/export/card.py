@@ -2,7 +2,8 @@
 
 Sections: base model, training data (files + sha256), method and hyper-parameters,
 results (loss at the first and last evaluation, plus an evaluation table when the run
-folder holds ``eval/summary.json``), how to load it, and how to check it.
+folder holds ``eval/summary.json``), how to load it, how to serve it with vLLM (or why vLLM
+would refuse it: export/vllm.py), and how to check it.
 
 ``eval/summary.json`` is the contract with the evaluation stage: ``{suite: {metric:
 number}}`` (or ``{metric: number}``); every number becomes one table row.
@@ -95,6 +96,18 @@ def _how_to_load(fmt: str, folder: str, base: str, remote: bool = False) -> str:
     return f"```python\n{code}\n```\n\nOr with tunesmith: `tunesmith chat {folder}`."
 
 
+def _vllm_section(v: dict) -> str:
+    """What export/vllm.py found (the manifest's "vllm")."""
+    if v.get("ok"):
+        notes = "".join(f"\n- {n}" for n in v.get("notes") or [])
+        return f"```\n{v['serve']}\n```\n\nChecked against {v['checked_against']}'s loader rules." + (
+            f"\n{notes}" if notes else "")
+    if v.get("ok") is None:
+        return "Not checked: " + "; ".join(v.get("notes") or []) + "."
+    return (f"vLLM's LoRA loader ({v['checked_against']}'s rules) will not load this adapter:\n\n"
+            + "\n".join(f"- {r}" for r in v["reasons"]))
+
+
 def _base_line(manifest: dict) -> str:
     from tunesmith.models.load import EMBEDDED
 
@@ -144,6 +157,8 @@ def model_card(run: Run, fmt: str, manifest: dict, folder: str) -> str:
                .split("\n\nmessages =")[0] + "\n```\n\nScore a conversation: "
                "`tunesmith score " + folder + " --data FILE -o scores.jsonl`.")
     parts.append("## How to load\n\n" + how)
+    if manifest.get("vllm"):
+        parts.append("## Serving with vLLM\n\n" + _vllm_section(manifest["vllm"]))
     if fmt == "gguf":
         parts.append("## Checking it\n\n`tunesmith.json` lists every file's sha256; "
                      f"`tunesmith verify {folder}` reads the file back in a fresh process with transformers' GGUF "

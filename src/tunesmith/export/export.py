@@ -136,11 +136,9 @@ def _check_base(run: Run, base: Path) -> str:
 
 
 def _check_adapter(run: Run, tokenizer, base: Path) -> None:
-    """Warn (or refuse) where an adapter will not load cleanly elsewhere."""
+    """Refuse an adapter that would not be the trained model on the plain base. (Whether vLLM
+    serves it is said after writing, by export/vllm.py, and recorded in the manifest.)"""
     cfg = json.loads((run.final / "adapter_config.json").read_text())
-    if cfg.get("modules_to_save") or cfg.get("trainable_token_indices"):
-        console.warn(f"the adapter also trains whole modules ({cfg.get('modules_to_save') or 'token embeddings'}); "
-                     f"vLLM and similar servers reject such adapters: export with --format merged to serve it")
     vocab = json.loads((base / "config.json").read_text()).get("vocab_size", len(tokenizer))
     saves_embeddings = any("embed" in m for m in cfg.get("modules_to_save") or [])
     if len(tokenizer) > vocab and not saves_embeddings:
@@ -279,6 +277,16 @@ def training_system_prompt(run: Run) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _vllm_check(run: Run, fmt: str, folder: Path, out: Path, on: Path, tokenizer, manifest: dict) -> dict | None:
+    """Whether vLLM serves the export (export/vllm.py): the value recorded as the manifest's "vllm"
+    (None: nothing to record, e.g. GGUF). Never raises: the export does not depend on it."""
+    from tunesmith.export.vllm import check_export
+
+    return check_export(folder, fmt, base=on, task=run_task(run), tokenizer=tokenizer, serve_as=out.resolve(),
+                        trust_remote_code=bool(manifest.get("trust_remote_code")),
+                        template_kwargs=(manifest.get("chat") or {}).get("template_kwargs"))
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, overwrite: bool = False,
                verify: bool = True, max_shard_size: str = "2GB", quant: str | None = None) -> Path:
     """Export run ``run_dir`` in ``fmt`` to ``out`` (default RUN/export/FMT); returns ``out``.
@@ -328,6 +336,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
         save_file(ref, str(tmp / REFERENCE_FILE))
         from tunesmith.export.card import model_card
 
+        vllm = _vllm_check(run, fmt, tmp, out, on, tokenizer, manifest)
+        if vllm is not None:
+            manifest["vllm"] = vllm
         (tmp / "README.md").write_text(model_card(run, fmt, manifest, str(out)), encoding="utf-8")
         manifest["files"] = file_hashes(tmp)
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -342,6 +353,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
             # what the fresh process proved, kept with the export (tunesmith.json is not among its own hashes)
             manifest["verified"] = {"ok": True, "seconds": round(result.seconds, 1), "checks": result.checks}
             (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if vllm is not None:
+        from tunesmith.export.vllm import line
+
+        (console.info if vllm["ok"] else console.warn)(line(vllm))
     size = sum(f["bytes"] for f in manifest["files"].values())
     console.info(f"exported {fmt} to {out}: {len(manifest['files']) + 1} files, {size / 2**20:.1f} MiB, "
                  f"in {time.time() - started:.1f} s")

@@ -79,7 +79,6 @@ class LoopArgs:
     inputs: dict = field(default_factory=dict)       # {name: sha256} of what training reads, checked on resume
     resume_ignore: frozenset = frozenset()           # config keys allowed to change on resume
     force_resume: bool = False
-    report_to: tuple = ()
 
 
 @dataclass
@@ -301,35 +300,26 @@ class _Window:
 
 
 class _MetricsLog:
-    """``metrics.jsonl`` (one JSON object a line) and TensorBoard, on the main process only."""
+    """``metrics.jsonl`` (one JSON object a line), each record also passed to ``log_to``
+    (the run's experiment trackers, ``train/trackers.py``), on the main process only."""
 
-    def __init__(self, out: Path, enabled: bool, report_to: tuple, resumed_at: int | None):
-        self.path, self.enabled, self.writers = out / "metrics.jsonl", enabled, []
+    def __init__(self, out: Path, enabled: bool, resumed_at: int | None,
+                 log_to: Callable[[dict], None] | None = None):
+        self.path, self.enabled, self.log_to = out / "metrics.jsonl", enabled, log_to
         if not enabled:
             return
         if resumed_at is not None:
             _truncate_metrics(self.path, resumed_at)
         elif self.path.exists():
             self.path.unlink()
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writers.append(SummaryWriter(str(out / "tensorboard")))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(dumps(record) + "\n")  # strict JSON: a NaN is written as null
-        for w in self.writers:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tag = k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}"
-                    w.add_scalar(tag, v, record["step"])
-
-    def close(self) -> None:
-        for w in self.writers:
-            w.close()
+        if self.log_to is not None:
+            self.log_to(record)
 
 
 # ---------------------------------------------------------------- set-up, resume, save
@@ -631,11 +621,13 @@ class _Run:
 
 def fit(model, method: Method, train_items: list, eval_items: list, lengths: list[int], args: LoopArgs, *,
         accelerator, save_final: Callable[[Path], None], resume: bool = False,
-        processed_tokens: Callable[[dict], tuple[int, int]] | None = None) -> FitResult:
+        processed_tokens: Callable[[dict], tuple[int, int]] | None = None,
+        log_to: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``model`` (a transformers/PEFT causal LM) with ``method`` on ``train_items``.
 
     ``lengths[i]`` is item i's token count (for length grouping); ``processed_tokens(batch)``
-    returns (real tokens, processed tokens incl. padding) for throughput and efficiency.
+    returns (real tokens, processed tokens incl. padding) for throughput and efficiency;
+    ``log_to(record)`` receives every metrics.jsonl record on the main process (trackers).
     """
     from tunesmith.train import memory
 
@@ -643,7 +635,7 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
     plan = _plan(len(train_items), args, accelerator.num_processes)
     t = _set_up(model, method, args, plan, accelerator)
     step, state, forced = _resume(model, t, args, plan, accelerator) if resume else (0, TrainerState(), [])
-    log = _MetricsLog(Path(args.output_dir), is_main, args.report_to, resumed_at=step if resume else None)
+    log = _MetricsLog(Path(args.output_dir), is_main, resumed_at=step if resume else None, log_to=log_to)
     run = _Run(model, method, eval_items, args, plan, accelerator, t, state, log)
     t.module.train()
     mem_before = 0
@@ -677,7 +669,6 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
                 break
         if not stopped:
             run.finish(step, save_final)
-    log.close()
     efficiency = totals[0] / totals[1] if totals[1] else 1.0
     peak, peak_kind = memory.peak_bytes(accelerator.device.type)
     return FitResult(step, run.last_metrics, stopped, stop.name if stopped else None, forced, state.skipped,

@@ -33,6 +33,7 @@ from tunesmith.models.runs import finished_run, run_of, trained_base
 from tunesmith.models.templates import ensure_chat_template
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import memory
+from tunesmith.train import trackers
 from tunesmith.train.engine import LoopArgs, fit
 from tunesmith.train.methods import reference as refs
 from tunesmith.train.methods.registry import BuildContext, MethodRow, row
@@ -235,12 +236,7 @@ def _validate(cfg: RunConfig, out: Path, resume: bool) -> MethodRow:
         if not Path(f).is_file():
             raise TunesmithError(f"data file {f} does not exist" + (" (it is a folder)" if Path(f).is_dir() else "")
                                  + "; check data.train / data.eval")
-    if "tensorboard" in cfg.report_to:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise TunesmithError("report_to: tensorboard needs the tensorboard package; "
-                                 "`pip install tensorboard`, or remove it from report_to")
+    trackers.check_installed(cfg.report_to)
     if out.exists() and not out.is_dir():
         raise TunesmithError(f"output_dir {out} is a file; give output_dir a folder path")
     if not resume and (out / "final").exists():
@@ -311,7 +307,7 @@ def loop_args(cfg: RunConfig, dtype, force_resume: bool, inputs: dict) -> LoopAr
               if f.name in TrainConfig.model_fields}
     return LoopArgs(**shared, output_dir=Path(cfg.output_dir), autocast_dtype=dtype,
                     group_by_length=cfg.data.group_by_length, config=cfg.to_dict(), inputs=inputs,
-                    resume_ignore=RESUME_IGNORE, force_resume=force_resume, report_to=tuple(cfg.report_to))
+                    resume_ignore=RESUME_IGNORE, force_resume=force_resume)
 
 
 def _final_writer(model, tokenizer, template_source: str):
@@ -405,30 +401,38 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", dump_yaml(cfg))
 
-    # --- the method, with its reference (precomputed values ride on the items)
-    autocast = (lambda: torch.autocast(accelerator.device.type, dtype=dtype)) \
-        if dtype != torch.float32 else contextlib.nullcontext
-    precompute = ref_kind == "sequence" and cfg.preference.precompute_ref
-    ctx = BuildContext(cfg, tokenizer, model, refs.Reference(None if precompute else ref_model), autocast, out)
-    trainer = method.build(ctx)
-    if precompute:
-        note = precompute_reference(cfg, trainer, model, ref_model, data, out, accelerator, dtype, model_dir, autocast)
-        if is_main:
-            console.info(note)
-        ref_model = None  # the frozen model is freed
+    # --- the trackers' runs start (continue, on --resume); anything below that raises marks them failed
+    with trackers.Trackers(cfg.report_to if is_main else (), out).start(cfg.to_dict(), resume) as tracked:
+        # --- the method, with its reference (precomputed values ride on the items)
+        autocast = (lambda: torch.autocast(accelerator.device.type, dtype=dtype)) \
+            if dtype != torch.float32 else contextlib.nullcontext
+        precompute = ref_kind == "sequence" and cfg.preference.precompute_ref
+        ctx = BuildContext(cfg, tokenizer, model, refs.Reference(None if precompute else ref_model), autocast, out)
+        trainer = method.build(ctx)
+        if precompute:
+            note = precompute_reference(cfg, trainer, model, ref_model, data, out, accelerator, dtype, model_dir,
+                                        autocast)
+            if is_main:
+                console.info(note)
+            ref_model = None  # the frozen model is freed
 
-    # --- train, save, record
-    result = fit(model, trainer, data.train, data.eval, data.lengths, loop_args(cfg, dtype, force_resume, inputs),
-                 accelerator=accelerator, save_final=_final_writer(model, tokenizer, template_source),
-                 resume=resume, processed_tokens=processed_tokens)
-    manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype, started,
-                         data_hashes, inputs, data.formatting.to_dict() if data.formatting is not None else None)
-    if is_main:
-        write_text_atomic(out / "run.json", dumps(manifest, indent=2))
-        if not result.stopped_by_signal:
-            console.info(f"done: {result.step} steps; real/processed tokens {result.efficiency:.1%}; "
-                         f"{result.peak_memory_kind} during training {result.peak_memory_bytes / 2**30:.2f} GiB "
-                         f"(+{result.step_memory_bytes / 2**30:.2f} GiB over the loaded model); "
-                         f"final weights in {out / 'final'}")
+        # --- train, save, record
+        result = fit(model, trainer, data.train, data.eval, data.lengths, loop_args(cfg, dtype, force_resume, inputs),
+                     accelerator=accelerator, save_final=_final_writer(model, tokenizer, template_source),
+                     resume=resume, processed_tokens=processed_tokens, log_to=tracked.log)
+        manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype,
+                             started, data_hashes, inputs,
+                             data.formatting.to_dict() if data.formatting is not None else None)
+        if tracked.ids:
+            manifest["trackers"] = tracked.ids  # also in OUTPUT_DIR/trackers.json
+        if is_main:
+            write_text_atomic(out / "run.json", dumps(manifest, indent=2))
+            tracked.finish(trackers.STOPPED if result.stopped_by_signal else trackers.FINISHED, manifest,
+                           result.signal)
+            if not result.stopped_by_signal:
+                console.info(f"done: {result.step} steps; real/processed tokens {result.efficiency:.1%}; "
+                             f"{result.peak_memory_kind} during training {result.peak_memory_bytes / 2**30:.2f} GiB "
+                             f"(+{result.step_memory_bytes / 2**30:.2f} GiB over the loaded model); "
+                             f"final weights in {out / 'final'}")
     accelerator.wait_for_everyone()
     return manifest
