@@ -9,25 +9,30 @@ EXPORT_DIR is a ``tunesmith export`` folder, ``--format adapter`` (loaded on its
 merged`` (``LLM(model=EXPORT_DIR)``). The base is ``--base``, else tunesmith.json's
 ``adapter_base_path``, else adapter_config.json's ``base_model_name_or_path``.
 
-1. The prompts are rendered with the export's tokenizer and chat template (plus the template
-   switches training used, tunesmith.json ``chat.template_kwargs``) into token ids; both
-   engines get the same ids.
-2. transformers: base + ``PeftModel`` (or the merged folder) in **float32** on the GPU (TF32
-   off), greedy, ``N`` new tokens, EOS ignored, keeping every step's logits.
-3. The transformers model is freed; vLLM: ``SamplingParams(temperature=0, max_tokens=N,
-   ignore_eos=True)`` in ``--dtype`` (default bfloat16), the adapter as ``LoRARequest``; for an
-   adapter also once without it, to show the adapter changes the tokens at all.
-4. Per prompt: identical, or the first position where the tokens differ. There the gap
-   ``logit[hf token] - logit[vLLM token]`` in transformers' fp32 logits (same prefix up to that
-   point) decides: a **near-tie** when gap ≤ ``rtol · max|logit|`` of that row (defaults:
-   float32 1e-3, float16 1e-2, bfloat16 3e-2 — the bf16 figure is the llama.cpp tolerance
-   export.py measured for rounded activations), the comparison ends there (the continuations
-   are no longer the same text); otherwise a **MISMATCH**.
+vLLM is started as tunesmith's prediction says to serve the export (tunesmith.json ``"vllm"``,
+else ``tunesmith.export.vllm`` run now): ``--max-lora-rank`` its ``max_lora_rank``, the export's
+tokenizer only where its serve command has ``--tokenizer``, ``--trust-remote-code`` and
+``--default-chat-template-kwargs`` as the command has them. vLLM renders the chats itself, as a
+server does, so a wrong rule there shows up as a prompt mismatch.
+
+1. transformers: the prompts rendered with the export's tokenizer and chat template (plus the
+   template switches training used, tunesmith.json ``chat.template_kwargs``) — what training
+   saw; base + ``PeftModel`` (or the merged folder) in **float32** on the GPU (TF32 off),
+   greedy, ``N`` new tokens, EOS ignored, keeping every step's logits.
+2. The transformers model is freed; vLLM: ``LLM.chat`` with ``SamplingParams(temperature=0,
+   max_tokens=N, ignore_eos=True)`` in ``--dtype`` (default bfloat16), the adapter as
+   ``LoRARequest``; for an adapter also once without it, to show the adapter changes the tokens.
+3. Per prompt: a **MISMATCH** if vLLM's prompt ids are not transformers' (its tokenizer or
+   template is not the one training used). Else identical, or the first position where the
+   tokens differ. There the gap ``logit[hf token] - logit[vLLM token]`` in transformers' fp32
+   logits (same prefix up to that point) decides: a **near-tie** when gap ≤ ``rtol · max|logit|``
+   of that row (defaults: float32 1e-3, float16 1e-2, bfloat16 3e-2 — the bf16 figure is the
+   llama.cpp tolerance export.py measured for rounded activations), the comparison ends there
+   (the continuations are no longer the same text); otherwise a **MISMATCH**.
 
 Exit 0: every prompt identical or diverging at a near-tie. Exit 1: a mismatch, or vLLM refused
 to load what it was given. Exit 2: not run (no CUDA GPU, no vLLM, not an export), with one
-sentence saying which. tunesmith's own prediction (tunesmith.json ``"vllm"``, from
-``tunesmith.export.vllm``) is printed beside vLLM's verdict, so a stale rule shows up.
+sentence saying which. The prediction is printed beside vLLM's verdict, so a stale rule shows up.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -105,27 +111,56 @@ def read_export(folder: Path, base: Path | None) -> dict:
         base = Path(named) if named else None
         if base is None or not (base / "config.json").is_file():
             raise NotRun(f"the adapter's base ({named or 'not named'}) is not a model folder here; pass --base")
-        return {"mode": "adapter", "model": base, "adapter": folder, "manifest": manifest, "config": cfg}
+        return {"mode": "adapter", "model": base, "adapter": folder, "manifest": manifest}
     if (folder / "config.json").is_file():
-        return {"mode": "merged", "model": folder, "adapter": None, "manifest": manifest, "config": {}}
+        return {"mode": "merged", "model": folder, "adapter": None, "manifest": manifest}
     raise NotRun(f"{folder} holds neither adapter_config.json nor config.json; give an adapter or merged export")
 
 
-def adapter_rank(export: Path, cfg: dict) -> int:
-    """The largest rank in the adapter (config r, rank_pattern, and the lora_A tensors)."""
-    from safetensors import safe_open
+def prediction(what: dict) -> dict:
+    """tunesmith's prediction for the export: tunesmith.json's ``"vllm"``, else (none recorded, or
+    the check could not run then) ``tunesmith.export.vllm`` run now; ``{}`` where it says nothing."""
+    recorded = what["manifest"].get("vllm")
+    if recorded and recorded.get("ok") is not None:
+        return recorded
+    from tunesmith.export.vllm import check_export
 
-    ranks = [int(cfg.get("r") or 1), *[int(v) for v in (cfg.get("rank_pattern") or {}).values()]]
-    with safe_open(str(export / "adapter_model.safetensors"), framework="pt") as f:
-        ranks += [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(("lora_A.weight", "lora_embedding_A"))]
-    return max(ranks)
+    manifest = what["manifest"]
+    return check_export(what["adapter"] or what["model"], what["mode"],
+                        base=what["model"] if what["adapter"] is not None else None,
+                        trust_remote_code=bool(manifest.get("trust_remote_code")),
+                        template_kwargs=(manifest.get("chat") or {}).get("template_kwargs")) or {}
+
+
+def engine_args(what: dict, predicted: dict) -> tuple[dict, dict | None]:
+    """``LLM(...)``'s arguments and the chat template switches, as the predicted serve command
+    has them. Without one (refused, or not checked) the export's own tokenizer and switches."""
+    manifest = what["manifest"]
+    serve = shlex.split(predicted.get("serve") or "")
+    kw = {"model": str(what["model"])}
+    if what["adapter"] is not None:
+        from tunesmith.export.vllm import MAX_LORA_RANKS
+
+        kw.update(enable_lora=True, max_loras=1, max_lora_rank=predicted.get("max_lora_rank") or MAX_LORA_RANKS[-1])
+    if not serve:
+        switches = (manifest.get("chat") or {}).get("template_kwargs")
+        return {**kw, "tokenizer": str(what["adapter"] or what["model"]),
+                "trust_remote_code": bool(manifest.get("trust_remote_code"))}, switches
+    if "--tokenizer" in serve:  # the command names the export folder where it was written: this one
+        kw["tokenizer"] = str(what["adapter"] or what["model"])
+    kw["trust_remote_code"] = "--trust-remote-code" in serve
+    flag = "--default-chat-template-kwargs"
+    return kw, json.loads(serve[serve.index(flag) + 1]) if flag in serve else None
+
+
+def conversation(prompt) -> list[dict]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
 
 def render(tokenizer, prompts: list, template_kwargs: dict | None) -> list[list[int]]:
     out = []
     for p in prompts:
-        messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+        text = tokenizer.apply_chat_template(conversation(p), tokenize=False, add_generation_prompt=True,
                                              **(template_kwargs or {}))
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
@@ -192,32 +227,35 @@ def transformers_greedy(what: dict, ids: list[list[int]], n: int, trust: bool) -
     return tokens, rows
 
 
-def vllm_greedy(what: dict, ids: list[list[int]], n: int, args, trust: bool) -> tuple[list, list | None, str]:
-    """vLLM's greedy tokens with the adapter (and, for an adapter, without it); vLLM's version."""
+def vllm_greedy(what: dict, prompts: list, longest: int, n: int, args, engine: tuple[dict, dict | None]) -> dict:
+    """vLLM's greedy tokens for the chats ``prompts``, rendered by vLLM as its server would, with
+    the adapter (and, for an adapter, without it): {"prompt_ids", "tokens", "base", "version"}."""
     import vllm
     from vllm import LLM, SamplingParams
 
-    lora = what["adapter"] is not None
-    kw = {}
-    if lora:
-        from tunesmith.export.vllm import needed_max_lora_rank
-
-        kw = {"enable_lora": True, "max_loras": 1,
-              "max_lora_rank": needed_max_lora_rank(adapter_rank(what["adapter"], what["config"])) or 512}
-    llm = LLM(model=str(what["model"]), tokenizer=str(args.export), dtype=args.dtype, seed=0, enforce_eager=True,
-              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=max(map(len, ids)) + n + 8,
-              trust_remote_code=trust, **kw)
+    kw, switches = engine
+    # room for prompts vLLM renders longer than transformers' (a tokenizer or template of its own)
+    llm = LLM(**kw, dtype=args.dtype, seed=0, enforce_eager=True, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=2 * longest + n + 16)
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    prompts = [{"prompt_token_ids": p} for p in ids]
+    chats = [conversation(p) for p in prompts]
     request = None
-    if lora:
+    if what["adapter"] is not None:
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest("export", 1, str(Path(what["adapter"]).resolve()))
-    with_adapter = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, lora_request=request,
-                                                                       use_tqdm=False)]
-    base = ([list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)] if lora else None)
-    return with_adapter, base, vllm.__version__
+    out = llm.chat(chats, params, lora_request=request, chat_template_kwargs=switches, use_tqdm=False)
+    base = (llm.chat(chats, params, chat_template_kwargs=switches, use_tqdm=False) if request is not None else None)
+    tokens = [list(o.outputs[0].token_ids) for o in out]
+    return {"prompt_ids": [list(o.prompt_token_ids) for o in out], "tokens": tokens,
+            "base": None if base is None else [list(o.outputs[0].token_ids) for o in base], "version": vllm.__version__}
+
+
+def prompt_mismatch(ref: list[int], got: list[int]) -> dict:
+    """The verdict for a prompt vLLM rendered to other ids than transformers (training)."""
+    at = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+    return {"same": 0, "first_diff": None, "gap": None, "limit": None, "ok": False, "prompt_diff": at,
+            "verdict": f"MISMATCH (vLLM's prompt ids differ from token {at}: not training's tokenizer/template)"}
 
 
 # ---------------------------------------------------------------- the run
@@ -236,11 +274,13 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     manifest = what["manifest"]
-    predicted = manifest.get("vllm")
+    predicted = prediction(what)
     if predicted:
         from tunesmith.export.vllm import line
 
         print(f"tunesmith predicted ({predicted.get('checked_against')}): {line(predicted)}")
+    engine = engine_args(what, predicted)
+    print(f"vLLM: LLM({', '.join(f'{k}={v!r}' for k, v in engine[0].items())}), chat_template_kwargs={engine[1]!r}")
     trust = bool(manifest.get("trust_remote_code"))
     tokenizer = AutoTokenizer.from_pretrained(str(args.export), trust_remote_code=trust)
     prompts = read_prompts(args.prompts)
@@ -248,19 +288,21 @@ def main(argv=None) -> int:
     n = args.max_new_tokens
     ref, rows = transformers_greedy(what, ids, n, trust)
     try:
-        got, base, version = vllm_greedy(what, ids, n, args, trust)
+        served = vllm_greedy(what, prompts, max(map(len, ids)), n, args, engine)
     except Exception as e:  # noqa: BLE001 — vLLM refusing the adapter is a result, not a crash
-        as_predicted = predicted is not None and predicted.get("ok") is False
+        as_predicted = predicted.get("ok") is False
         print(f"vLLM refused it{' (as tunesmith predicted)' if as_predicted else ''}: {type(e).__name__}: {e}"[:2000])
-        if predicted is not None and predicted.get("ok"):
+        if predicted.get("ok"):
             print("tunesmith's check said it would load: its rules (src/tunesmith/export/vllm.py) need updating")
         return 1
+    got, base, version = served["tokens"], served["base"], served["version"]
     rtol = args.rtol if args.rtol is not None else RTOL[args.dtype]
     results = []
     print(f"\nvLLM {version}, dtype {args.dtype}, {what['mode']}, {n} new tokens, near-tie ≤ {rtol:g}·max|logit|")
     print(f"{'#':>3}  {'prompt':<44} {'same':>5}  {'gap':>9}  {'limit':>8}  {'adapter moved':>13}  verdict")
     for i, (prompt, r, g) in enumerate(zip(prompts, ref, got)):
-        c = compare_tokens(r, rows[i], g, rtol)
+        c = (compare_tokens(r, rows[i], g, rtol) if served["prompt_ids"][i] == ids[i]
+             else prompt_mismatch(ids[i], served["prompt_ids"][i]))
         moved = None if base is None else base[i] != g
         c.update(prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"], hf=r, vllm=g,
                  adapter_moved=moved)
@@ -274,9 +316,9 @@ def main(argv=None) -> int:
     if base is not None and not any(c["adapter_moved"] for c in results):
         print("note: the adapter changed no greedy token against the base in vLLM; the comparison cannot tell "
               "whether vLLM applied it (train longer, or give prompts from the training data)")
-    if predicted is not None and predicted.get("ok") is False:
-        print("vLLM loaded an adapter tunesmith's check said it would refuse: its rules (src/tunesmith/export/"
-              "vllm.py) need updating")
+    if predicted.get("ok") is False:
+        print("vLLM loaded an adapter tunesmith's check refused: unless its reason is one vLLM does not test (a "
+              "lora_ga init, served as another model), its rules (src/tunesmith/export/vllm.py) need updating")
     if args.out:
         args.out.write_text(json.dumps({"vllm": version, "dtype": args.dtype, "rtol": rtol, "mode": what["mode"],
                                         "ok": ok, "prompts": results}, indent=1))

@@ -17,6 +17,7 @@ import pytest
 from test_data_check import run_cli
 from test_export import train_tiny
 from tiny import save_tiny_model
+from tunesmith.evaluate.runner import headline
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                 reason="lm-eval is not installed (scripts/setup.sh installs the [lm-eval] extra)")
@@ -42,14 +43,18 @@ def write_tasks(folder: Path) -> Path:
                                              for q, c, a in MC))
     (folder / "gen.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GEN))
     data = lambda name: f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}\ntest_split: test\n"
-    def mc(task: str, text: str, metrics: str) -> str:
-        return (f"task: {task}\n" + data("mc.jsonl") + "output_type: multiple_choice\n"
+    (folder / "mc_small.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                                   for q, c, a in MC[-3:]))
+
+    def mc(task: str, text: str, metrics: str, file: str = "mc.jsonl", extra: str = "") -> str:
+        return (f"task: {task}\n{extra}" + data(file) + "output_type: multiple_choice\n"
                 f"doc_to_text: \"{text}\"\ndoc_to_choice: \"{{{{choices}}}}\"\ndoc_to_target: answer\n"
                 "metric_list:\n" + "".join(f"  - metric: {m}\n" for m in metrics.split()))
 
     (folder / "mc.yaml").write_text(mc("ts_mc", "Question: {{question}}\\nAnswer:", "acc acc_norm"))
-    (folder / "mc2.yaml").write_text(mc("ts_mc_q", "Q: {{question}}\\nA:", "acc"))
-    (folder / "mc3.yaml").write_text(mc("ts_mc_r", "{{question}}", "acc"))
+    (folder / "mc2.yaml").write_text(mc("ts_mc_q", "Q: {{question}}\\nA:", "acc", extra="tag: ts_tag\n"))
+    (folder / "mc3.yaml").write_text(mc("ts_mc_r", "{{question}}", "acc", extra="tag: ts_tag\n"))
+    (folder / "mc4.yaml").write_text(mc("ts_mc_small", "Question: {{question}}\\nAnswer:", "acc", "mc_small.jsonl"))
     (folder / "gen.yaml").write_text(
         "task: ts_gen\n" + data("gen.jsonl") + "output_type: generate_until\n"
         "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: answer\n"
@@ -63,6 +68,11 @@ def write_tasks(folder: Path) -> Path:
     (folder / "group.yaml").write_text(
         "group: ts_group\ntask:\n  - ts_mc_q\n  - ts_mc_r\naggregate_metric_list:\n  - metric: acc\n"
         "    aggregation: mean\n    weight_by_size: true\n")
+    # unequal sizes, the mean of the tasks' means (not of the documents)
+    (folder / "group2.yaml").write_text(
+        "group: ts_group2\ntask:\n  - ts_mc_small\n  - ts_mc_r\naggregate_metric_list:\n  - metric: acc\n"
+        "    aggregation: mean\n    weight_by_size: false\n")
+    (folder / "group3.yaml").write_text("group: ts_bare_group\ntask:\n  - ts_mc_small\n  - ts_mc_q\n")
     return folder
 
 
@@ -89,10 +99,11 @@ def assert_equal_to_direct(result: dict, label: str, ref: dict, tasks: list[str]
         mine = ref["results"][task]
         metric = result["suites"][suite]["metric"]
         agg = got["aggregate"]
-        assert agg[metric]["value"] == pytest.approx(mine[f"{metric},{_filter(mine, metric)}"], abs=1e-12)
-        assert agg[metric]["rate"] == pytest.approx(agg[metric]["value"])
+        value = mine[f"{metric},{_filter(mine, metric)}"]
+        assert agg[metric]["value"] == pytest.approx(value, abs=1e-12)
+        assert headline(agg, metric)[0] == pytest.approx(value, abs=1e-12)  # what tables and compare show
         assert agg["lm_eval"] == pytest.approx({k: v for k, v in mine.items() if k in agg["lm_eval"]})
-        leaves = ["ts_mc_q", "ts_mc_r"] if task == "ts_group" else [task]
+        leaves = {"ts_group": ["ts_mc_q", "ts_mc_r"], "ts_group2": ["ts_mc_small", "ts_mc_r"]}.get(task, [task])
         theirs = [s for leaf in leaves for s in ref["samples"][leaf]
                   if s["filter"] == _filter(ref["results"][leaf], metric)]
         assert len(got["items"]) == len(theirs) > 0
@@ -147,6 +158,23 @@ def test_eval_of_an_export_equals_lm_eval_run_directly(tiny, capsys):
     assert {x["suite"] for x in lines} == set(result["suites"]) and len(lines) == 2 * len(MC) + len(GEN) + len(MC)
 
 
+def test_limit_on_a_group_of_unequal_tasks_is_lm_evals_limit_and_aggregate(tiny, capsys):
+    """--limit N takes the first N documents of each task, as lm_eval --limit does, and the
+    headline is the group's own aggregate (here the mean of the tasks' means)."""
+    out = tiny["root"] / "eval-group2"
+    code, stdout, err = run_cli(["eval", tiny["merged"], "--suite", "lm-eval:ts_group2", "--limit", "5",
+                                 "--lm-eval-include", tiny["tasks"], "--batch-size", "8", "-o", out], capsys)
+    assert code == 0, err
+    result = json.loads((out / "eval.json").read_text())
+    items = result["results"]["lm-eval:ts_group2"][str(tiny["merged"])]["items"]
+    assert [i["id"] for i in items] == [f"ts_mc_small/{i}" for i in range(3)] + [f"ts_mc_r/{i}" for i in range(5)]
+    ref = direct(f"pretrained={tiny['merged']}", "ts_group2", tiny["tasks"], tiny["root"] / "direct-group2",
+                 "--limit", "5")
+    assert_equal_to_direct(result, str(tiny["merged"]), ref, ["ts_group2"])
+    means = [ref["results"][t]["acc,none"] for t in ("ts_mc_small", "ts_mc_r")]
+    assert ref["results"]["ts_group2"]["acc,none"] == pytest.approx(sum(means) / 2)
+
+
 def test_compare_of_base_and_adapter_run_with_the_chat_template_equals_lm_eval(tiny, capsys):
     """The run (its adapter over the shared base, its tokenizer's chat template) against the
     base: both equal lm_eval with peft=ADAPTER and --apply_chat_template; flips are listed."""
@@ -181,6 +209,8 @@ def test_compare_of_base_and_adapter_run_with_the_chat_template_equals_lm_eval(t
     (["--suite", "lm-eval:ts_mc", "--lm-eval-include", "{root}/missing"], "is not a folder"),
     (["--suite", "lm-eval:ts_hub", "--lm-eval-include", "{tasks}"], "not in the local cache"),
     (["--suite", "lm-eval:", "--lm-eval-include", "{tasks}"], "names no task"),
+    (["--suite", "lm-eval:ts_tag", "--lm-eval-include", "{tasks}"], "is a tag of 2 tasks"),
+    (["--suite", "lm-eval:ts_bare_group", "--lm-eval-include", "{tasks}"], "lm-eval:ts_mc_small,ts_mc_q"),
 ])
 def test_offline_mistakes_are_one_sentence_before_weights_load(tiny, capsys, args, expected):
     argv = [a.format(tasks=tiny["tasks"], root=tiny["root"]) for a in args]
@@ -225,13 +255,13 @@ def test_smollm2_through_the_cli_equals_lm_eval_run_directly(tmp_path, capsys):
 
     tasks = write_tasks(tmp_path / "tasks")
     out = tmp_path / "eval"
-    code, stdout, err = run_cli(["eval", "smollm2-135m-instruct", "--suite", "lm-eval:ts_mc,ts_gen",
+    code, stdout, err = run_cli(["eval", "smollm2-135m-instruct", "--suite", "lm-eval:ts_mc,ts_gen,ts_group",
                                  "--lm-eval-include", tasks, "--lm-eval-chat-template", "--batch-size", "8",
                                  "-o", out], capsys)
     assert code == 0, err
     result = json.loads((out / "eval.json").read_text())
-    ref = direct(f"pretrained={resolve_model('smollm2-135m-instruct')}", "ts_mc,ts_gen", tasks, tmp_path / "direct",
-                 "--apply_chat_template")
-    assert_equal_to_direct(result, "smollm2-135m-instruct", ref, ["ts_mc", "ts_gen"])
+    ref = direct(f"pretrained={resolve_model('smollm2-135m-instruct')}", "ts_mc,ts_gen,ts_group", tasks,
+                 tmp_path / "direct", "--apply_chat_template")
+    assert_equal_to_direct(result, "smollm2-135m-instruct", ref, ["ts_mc", "ts_gen", "ts_group"])
     # the instruct model knows these: a real signal, not a random one
     assert result["results"]["lm-eval:ts_mc"]["smollm2-135m-instruct"]["aggregate"]["acc"]["rate"] >= 0.5

@@ -1,9 +1,11 @@
 """report_to: tensorboard, wandb, mlflow and trackio, offline, read back from what each stored.
 
-One run stopped by SIGTERM at step 3 and resumed to step 6, and one that raises at step 2,
-both with all four trackers: wandb in offline mode (its .wandb files parsed here), MLflow
-with its default file store in the run folder, trackio in a local TRACKIO_DIR, TensorBoard's
-event files. Nothing goes online: every tracker's remote settings are cleared.
+One run stopped by SIGTERM at step 3, refused two --resumes (changed config, replaced data)
+and resumed to step 6; one that raises at step 2; one killed (SIGKILL) in step 6 after
+checkpoint 3 and resumed: all with all four trackers: wandb in offline mode (its .wandb files
+parsed here), MLflow with its default file store in the run folder, trackio in a local
+TRACKIO_DIR, TensorBoard's event files. Nothing goes online: every tracker's remote settings
+are cleared.
 """
 
 from __future__ import annotations
@@ -13,20 +15,26 @@ import json
 import os
 import signal
 import struct
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from test_train_sft import make_cfg, metrics
+from test_train_sft import make_cfg, metrics, write_sft_data
 from tiny import save_tiny_model
-from tunesmith.config import load_config
+from tunesmith.config import load_config, save_config
 from tunesmith.errors import TunesmithError
+from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import recipe, trackers
 from tunesmith.train.methods import sft
 from tunesmith.train.recipe import run
 
 ALL = ["tensorboard", "wandb", "mlflow", "trackio"]
+ALLOW = "MLFLOW_ALLOW_FILE_STORE"  # set by the mlflow tracker for its run's lifetime only
 ONLINE_SETTINGS = ["WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY", "WANDB_BASE_URL",
                    "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE",
                    "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_DATASET_ID", "TRACKIO_BUCKET_ID"]
@@ -124,6 +132,7 @@ def _wandb_segments(out: Path, run_id: str) -> list[dict]:
     return segs
 
 
+@mock.patch.dict(os.environ, {ALLOW: "true"})  # reading the file store back, here only
 def _mlflow(ident: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -170,17 +179,34 @@ def _expected(out: Path) -> list[tuple]:
 
 def _snapshot(out: Path) -> dict:
     ids = _ids(out)
-    return {"ids": ids, "run_json": json.loads((out / "run.json").read_text()), "expected": _expected(out),
+    run_json = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None
+    return {"ids": ids, "run_json": run_json, "expected": _expected(out),
             "wandb": _wandb_segments(out, ids["wandb"]["id"]), "mlflow": _mlflow(ids["mlflow"]),
             "trackio": _trackio(ids["trackio"]), "tensorboard": _tensorboard(out)}
 
 
-# ---------------------------------------------------------------- the two runs
+def _files(folder: Path) -> list[tuple]:
+    return sorted((p.relative_to(folder), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+def _as_left(out: Path) -> dict:
+    """What a refused --resume must leave as it was: every tracker's run, trackers.json,
+    metrics.jsonl, the wandb offline folders and TensorBoard's event files."""
+    s = _snapshot(out)
+    return {"ids": (out / trackers.IDS_FILE).read_text(), "metrics": (out / "metrics.jsonl").read_text(),
+            "mlflow": {k: s["mlflow"][k] for k in ("status", "params", "tags", "triples", "runs")},
+            "wandb": _files(out / "wandb"), "trackio": {k: s["trackio"][k] for k in ("triples", "alerts", "runs")},
+            "tensorboard": _files(out / "tensorboard")}
+
+
+# ---------------------------------------------------------------- the runs
 
 
 @pytest.fixture(scope="module")
 def resumed(offline, model_dir, tmp_path_factory):
-    """SIGTERM during step 3 (checkpoint-3 saved, stopped), then --resume to step 6."""
+    """SIGTERM during step 3 (checkpoint-3 saved, stopped); a --resume with a changed
+    training key, and one with the training data replaced, both refused; then --resume to
+    step 6."""
     tmp = tmp_path_factory.mktemp("stopped")
     cfg = _cfg(tmp, model_dir)
     out = Path(cfg.output_dir)
@@ -188,10 +214,25 @@ def resumed(offline, model_dir, tmp_path_factory):
         mp.setattr(sft.SFT, "loss", _on_training_call(3, lambda: os.kill(os.getpid(), signal.SIGTERM)))
         first = run(cfg)
     assert first["stopped_by_signal"] and first["steps"] == 3
-    stopped = _snapshot(out)
+    assert ALLOW not in os.environ
+    stopped, left = _snapshot(out), [_as_left(out)]
+    changed = _cfg(tmp, model_dir, train__learning_rate=1e-3)  # same folder, same data written again
+    with pytest.raises(TunesmithError, match=r"^--resume: the config changed since checkpoint-3 in keys that alter "
+                                             r"training \(train.learning_rate\)"):
+        run(changed, resume=True)
+    left.append(_as_left(out))
+    data = Path(cfg.data.train)
+    original = data.read_bytes()
+    write_sft_data(data, seed=1)
+    with pytest.raises(TunesmithError, match=rf"^--resume: what training reads changed since checkpoint-3: "
+                                             rf"data file {data}"):
+        run(cfg, resume=True)
+    data.write_bytes(original)
+    left.append(_as_left(out))
     final = run(cfg, resume=True)
     assert final["steps"] == 6 and (out / "final").exists()
-    return {"out": out, "cfg": cfg, "stopped": stopped, "final": _snapshot(out)}
+    assert ALLOW not in os.environ
+    return {"out": out, "cfg": cfg, "stopped": stopped, "left": left, "final": _snapshot(out)}
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +249,7 @@ def failed(offline, model_dir, tmp_path_factory):
         mp.setattr(sft.SFT, "loss", _on_training_call(2, fail))
         with pytest.raises(RuntimeError) as caught:
             run(cfg)
+    assert ALLOW not in os.environ
     ids = _ids(out)
     return {"out": out, "raised": caught.value, "boom": boom, "ids": ids, "expected": _expected(out),
             "wandb": _wandb_segments(out, ids["wandb"]["id"]), "mlflow": _mlflow(ids["mlflow"]),
@@ -261,6 +303,16 @@ def test_a_signal_stop_ends_the_runs_as_stopped_and_the_resumed_run_as_finished(
     assert [(a["level"], a["title"]) for a in final["trackio"]["alerts"]] == [("warn", "training stopped by SIGTERM")]
 
 
+def test_a_refused_resume_leaves_the_stopped_tracker_runs_as_they_were(resumed):
+    """The resume checks run before any tracker run is continued: nothing is reopened,
+    nothing marked failed."""
+    before, *refused = resumed["left"]
+    assert len(refused) == 2 and all(r == before for r in refused)
+    stopped = resumed["stopped"]
+    assert before["mlflow"]["status"] == "KILLED" and len(stopped["wandb"]) == 1
+    assert stopped["wandb"][0]["preempting"] and [a["level"] for a in stopped["trackio"]["alerts"]] == ["warn"]
+
+
 def test_config_and_run_json_are_attached(resumed):
     final, cfg = resumed["final"], resumed["cfg"].to_dict()
     run_json = final["run_json"]
@@ -284,6 +336,137 @@ def test_config_and_run_json_are_attached(resumed):
     # tensorboard: text summaries
     _, texts = final["tensorboard"]
     assert {"config/text_summary", "run.json/text_summary"} <= set(texts)
+
+
+# ---------------------------------------------------------------- a crash between checkpoints
+
+KILL_IN_STEP = textwrap.dedent("""
+    # `tunesmith train CFG` that kills itself (SIGKILL) in training step argv[1]'s forward,
+    # a moment after the step before it was logged (trackio writes from a thread every 0.5 s)
+    import os, signal, sys, time
+    from tunesmith.train.methods import sft
+    n, calls, loss = int(sys.argv[1]), [0], sft.SFT.loss
+    def loss_(self, module, batch):
+        if module.training:
+            calls[0] += 1
+            if calls[0] == n:
+                time.sleep(2)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return loss(self, module, batch)
+    sft.SFT.loss = loss_
+    from tunesmith.cli import main
+    main(["train", sys.argv[2]])
+""")
+
+
+def _pairs(triples) -> Counter:
+    return Counter((k, st) for k, st, _ in triples)
+
+
+@pytest.fixture(scope="module")
+def crashed(offline, model_dir, tmp_path_factory):
+    """Killed (SIGKILL) in step 6, the last checkpoint at step 3: steps 4-5 and the eval at
+    step 4 reached the trackers; then --resume, which replays steps 4-5."""
+    tmp = tmp_path_factory.mktemp("crashed")
+    cfg = _cfg(tmp, model_dir, train__eval_steps=2)
+    out = Path(cfg.output_dir)
+    save_config(cfg, tmp / "cfg.yaml")
+    (tmp / "kill.py").write_text(KILL_IN_STEP)
+    # its own wandb service, as a separate `tunesmith train` has (not the one wandb started for this process)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    p = subprocess.run([sys.executable, str(tmp / "kill.py"), "6", str(tmp / "cfg.yaml")], capture_output=True,
+                       text=True, timeout=300, env={**env, "PYTHONPATH": str(Path(__file__).parent)})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert [c.name for c in ckpt.find_checkpoints(out)[0]] == ["checkpoint-3"]
+    killed = _snapshot(out)
+    final = run(cfg, resume=True)
+    assert final["steps"] == 6
+    return {"out": out, "killed": killed, "final": _snapshot(out)}
+
+
+def test_a_crash_resume_sends_no_tracker_a_step_it_already_holds(crashed):
+    killed, final = crashed["killed"], crashed["final"]
+    # what the crash left: steps 1-5 (and the evals at 0, 2, 4) already in MLflow and trackio
+    for held in (killed["mlflow"]["triples"], killed["trackio"]["triples"]):
+        assert sorted(st for k, st in _pairs(held) if k == "loss") == [1, 2, 3, 4, 5]
+        assert sorted(st for k, st in _pairs(held) if k == "eval_loss") == [0, 2, 4]
+    assert killed["mlflow"]["status"] == "RUNNING" and killed["run_json"] is None
+    # after the resume: every (metric, step) of metrics.jsonl once, the replayed ones as first logged
+    want = _pairs(final["expected"])
+    assert set(want.values()) == {1} and sorted(st for k, st in want if k == "loss") == [1, 2, 3, 4, 5, 6]
+    assert _pairs(final["mlflow"]["triples"]) == want and _pairs(final["trackio"]["triples"]) == want
+    tb, _ = final["tensorboard"]  # replayed from step 4: the earlier event files' 4 and 5 are purged
+    assert _pairs(tb) == want
+    loss = {st: v for k, st, v in final["expected"] if k == "loss"}  # the replay is bit-identical
+    for got in (final["mlflow"]["triples"], final["trackio"]["triples"]):
+        assert {st: v for k, st, v in got if k == "loss"} == loss
+    assert final["mlflow"]["status"] == "FINISHED" and final["mlflow"]["runs"] == [final["ids"]["mlflow"]["run_id"]]
+    tk = final["ids"]["trackio"]  # one trackio project for this module's runs: this one's record, once
+    assert [r["id"] for r in final["trackio"]["runs"] if r.get("name") == tk["name"]] == [tk["id"]]
+    # wandb offline cannot know what the crashed start's folder holds (what wandb had written
+    # of it when killed; in a run this short, none of its history): the resumed start's
+    # folder holds every step from the checkpoint on (as the README says)
+    first, second = final["wandb"]
+    assert first["exit"] is None and second["exit"] == 0
+    assert {st for k, st in _pairs(first["triples"]) if k == "loss"} <= {1, 2, 3, 4, 5}
+    assert sorted(st for k, st in _pairs(second["triples"]) if k == "loss") == [4, 5, 6]
+
+
+def test_wandb_online_is_not_sent_the_steps_before_its_resumed_run_continues(offline, tmp_path, monkeypatch):
+    """Online, a resumed wandb run continues at the step after its last (run.starting_step)
+    and drops a log() below it: those steps are not sent (no network here: a stand-in run)."""
+    import wandb
+
+    logged = []
+
+    class Run:
+        id, dir, starting_step = "abc123", str(tmp_path / "wandb" / "run-abc123" / "files"), 6
+
+        def log(self, metrics, step):
+            logged.append((step, sorted(metrics)))
+    inits = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: inits.append(kw) or Run())
+    (tmp_path / trackers.IDS_FILE).write_text(json.dumps({"wandb": {"id": "abc123", "project": "p"}}))
+    tracked = trackers.Trackers(["wandb"], tmp_path, {"train": {}}, resumed=True)
+    tracked.start(3)
+    for step in (4, 5, 6, 7):
+        tracked.log({"step": step, "loss": 1.0})
+    assert inits[0]["id"] == "abc123" and inits[0]["resume"] == "allow"
+    assert logged == [(6, ["loss"]), (7, ["loss"])]
+
+
+# ---------------------------------------------------------------- MLflow's file store allowed for the run only
+
+
+def test_mlflow_allows_its_file_store_for_the_runs_lifetime_only(offline, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    assert ALLOW not in os.environ
+    t = trackers.MLflow()
+    t.start(tmp_path, {"a": 1}, "x", None)
+    assert os.environ[ALLOW] == "true"
+    t.finish(trackers.FINISHED, None, None, None)
+    assert ALLOW not in os.environ
+
+    def boom(*a, **k):
+        raise RuntimeError("store gone")
+    with monkeypatch.context() as mp:  # a start that fails
+        mp.setattr(MlflowClient, "create_run", boom)
+        with pytest.raises(RuntimeError, match="store gone"):
+            trackers.MLflow().start(tmp_path, {"a": 1}, "x", None)
+    assert ALLOW not in os.environ
+    t = trackers.MLflow()
+    t.start(tmp_path, {"a": 1}, "x", None)
+    with monkeypatch.context() as mp:  # a finish that fails
+        mp.setattr(MlflowClient, "set_terminated", boom)
+        with pytest.raises(RuntimeError, match="store gone"):
+            t.finish(trackers.FAILED, None, None, "boom")
+    assert ALLOW not in os.environ
+    monkeypatch.setenv(ALLOW, "true")  # the user's own setting stays
+    t = trackers.MLflow()
+    t.start(tmp_path, {"a": 1}, "x", None)
+    t.finish(trackers.FINISHED, None, None, None)
+    assert os.environ[ALLOW] == "true"
 
 
 # ---------------------------------------------------------------- failure

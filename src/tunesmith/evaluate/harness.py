@@ -127,8 +127,14 @@ def manager(include: tuple[str, ...], task: str):
     return full
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
+
+
 def load_tasks(task: str, include: tuple[str, ...]) -> dict[str, Any]:
-    """{leaf task name: lm-eval Task} of ``task`` (one task, or a group's leaves), datasets read."""
+    """{leaf task name: lm-eval Task} of ``task`` (one task, or a group's leaves), datasets
+    read. A name of several tasks must be a group with an aggregate metric (its one number);
+    lm-eval's code-running tasks are refused."""
     tm = manager(include, task)
     try:
         with _quiet():
@@ -141,16 +147,30 @@ def load_tasks(task: str, include: tuple[str, ...]) -> dict[str, Any]:
     except FileNotFoundError as e:
         raise TunesmithError(f"lm-eval task {task!r}: a data file is missing ({e}); check dataset_kwargs."
                              f"data_files in its YAML (relative paths are read from the working folder)") from None
-    return loaded["tasks"]
+    except TunesmithError:
+        raise
+    except Exception as e:  # YAML, !function imports, Jinja: lm-eval's own message, in one line
+        raise TunesmithError(f"lm-eval could not load task {task!r} ({_one_line(e)}); check its YAML") from None
+    leaves, group = loaded["tasks"], loaded["groups"].get(task)
+    if len(leaves) > 1 and (group is None or not group.aggregate_metric_list):
+        what = "group without aggregate_metric_list" if group is not None else "tag"
+        raise TunesmithError(f"lm-eval:{task} is a {what} of {len(leaves)} tasks, so it has no one number; give "
+                             f"them one suite each: lm-eval:{','.join(leaves)}")
+    unsafe = [name for name, t in leaves.items() if getattr(t, "UNSAFE_CODE", False)]
+    if unsafe:
+        raise TunesmithError(f"lm-eval task {', '.join(unsafe)} runs the model's output as code (unsafe_code); "
+                             f"tunesmith does not run it — use lm_eval --confirm_run_unsafe_code in a sandbox")
+    return leaves
 
 
-def records(task: str, include: tuple[str, ...]) -> list[dict]:
+def records(task: str, include: tuple[str, ...], limit: int | None = None) -> list[dict]:
     """The task's evaluation documents as records: lm-eval's doc_id, the question as the
-    task writes it, the reference."""
+    task writes it, the reference. ``limit``: the first N documents of every task (of a
+    group's every task), as lm-eval's ``--limit`` takes them."""
     leaves = load_tasks(task, tuple(include))
     records = []
     for leaf, t in leaves.items():
-        for i, doc in enumerate(t.eval_docs):
+        for i, doc in enumerate(list(t.eval_docs)[:limit]):
             target = t.doc_to_target(doc)
             choices = t.doc_to_choice(doc) if t.OUTPUT_TYPE == "multiple_choice" else None
             if choices is not None and isinstance(target, int) and 0 <= target < len(choices):
@@ -171,20 +191,31 @@ def model_args(settings) -> dict[str, Any]:
 
 def measure(task: str, subject, records: list[dict], settings) -> dict:
     """Run ``task`` on ``records`` (their documents) with lm-eval, on ``subject.model`` with
-    ``subject.tokenizer`` (``runner.Subject``), as ``settings`` (``runner.EvalSettings``) say."""
+    ``subject.tokenizer`` (``runner.Subject``), as ``settings`` (``runner.EvalSettings``) say.
+    lm-eval's defaults otherwise (seeds, bootstrap iterations), as ``lm_eval`` runs it."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    if settings.lm_eval_chat_template and not subject.tokenizer.chat_template:
+        raise TunesmithError(f"--lm-eval-chat-template: {subject.member.label} has no chat template; leave the flag "
+                             f"out for it, or give the run data.chat_template")
     include = tuple(settings.lm_eval_include)
     tm = manager(include, task)
     samples: dict[str, list[int]] = {}
     for r in records:
         samples.setdefault(r["task"], []).append(r["doc_id"])
-    with _quiet(settings.progress):
-        lm = HFLM(pretrained=subject.model, tokenizer=subject.tokenizer, **model_args(settings))
-        out = simple_evaluate(model=lm, tasks=[task], task_manager=tm, samples=samples, log_samples=True,
-                              num_fewshot=settings.lm_eval_fewshot, apply_chat_template=settings.lm_eval_chat_template,
-                              fewshot_as_multiturn=settings.lm_eval_chat_template, bootstrap_iters=1000)
+    try:
+        with _quiet(settings.progress):
+            lm = HFLM(pretrained=subject.model, tokenizer=subject.tokenizer, **model_args(settings))
+            out = simple_evaluate(model=lm, tasks=[task], task_manager=tm, samples=samples, log_samples=True,
+                                  num_fewshot=settings.lm_eval_fewshot,
+                                  apply_chat_template=settings.lm_eval_chat_template,
+                                  fewshot_as_multiturn=settings.lm_eval_chat_template)
+    except TunesmithError:
+        raise
+    except Exception as e:  # lm-eval's own refusal of a setting or a document, in one line
+        raise TunesmithError(f"lm-eval stopped on task {task!r} with {subject.member.label} ({_one_line(e)})") \
+            from None
     return outcome(task, records, out)
 
 
@@ -216,12 +247,12 @@ def outcome(task: str, records: list[dict], out: dict) -> dict:
     binary = all(v in (0.0, 1.0) for v in values)
     for it, v in zip(items, values):
         it["passed"] = bool(v) if binary and v is not None else None
-    result = out["results"].get(task) or out["results"][leaves[0]]
+    result = out["results"][task]
     agg: dict[str, Any] = {"n": len(items)}
     value = result.get(f"{metric},{filt}")
-    if binary:
-        agg[metric] = {**rate_summary([bool(v) for v in values]), "value": value}
-    else:
+    if binary and len(leaves) == 1 and abs(sum(values) / len(values) - value) < 1e-9:
+        agg[metric] = {**rate_summary([bool(v) for v in values]), "value": value}  # a mean of 0/1: Wilson
+    else:  # lm-eval's number (a group's aggregate, a corpus metric) with its own standard error
         se = result.get(f"{metric}_stderr,{filt}")
         ok = isinstance(se, (int, float)) and math.isfinite(se)
         agg[metric] = {"value": value, "low": value - 1.96 * se if ok else None,
@@ -231,8 +262,8 @@ def outcome(task: str, records: list[dict], out: dict) -> dict:
         if f and "_stderr" not in name and isinstance(v, (int, float)) and (name, f) != (metric, filt):
             agg[key] = {"value": v}
     agg["lm_eval"] = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) or v is None}
-    agg["higher_is_better"] = bool((out.get("higher_is_better", {}).get(task) or
-                                    out.get("higher_is_better", {}).get(leaves[0], {})).get(metric, True))
+    better = out.get("higher_is_better", {})
+    agg["higher_is_better"] = bool((better.get(task) or better.get(leaves[0], {})).get(metric, True))
     agg["n_shot"] = out.get("n-shot", {}).get(leaves[0])
     return {"items": items, "aggregate": agg, "responses": responses, "metric": metric}
 
@@ -240,10 +271,10 @@ def outcome(task: str, records: list[dict], out: dict) -> dict:
 def _headline(out: dict, task: str, leaves: list[str]) -> tuple[str, str]:
     """(metric, filter) a table shows: the first metric of the task's metric_list (a group's
     first aggregate metric) under its first filter."""
-    result = out["results"].get(task) or out["results"][leaves[0]]
+    result = out["results"][task]
     keys = [k for k in result if "," in k and "_stderr" not in k.partition(",")[0]
             and isinstance(result[k], (int, float))]
-    cfg = out.get("configs", {}).get(leaves[0], {})
+    cfg = out.get("configs", {}).get(task, {})  # a single task's metric_list (a group's keys come in its order)
     order = [m.get("metric") for m in cfg.get("metric_list") or [] if isinstance(m.get("metric"), str)]
     for m in order:
         hit = next((k for k in keys if k.partition(",")[0] == m), None)
@@ -259,7 +290,8 @@ def _answer(sample: dict) -> str:
     the highest log-likelihood (as lm-eval's ``acc`` picks it)."""
     resp = sample.get("filtered_resps")
     args = sample.get("arguments") or []
-    if isinstance(resp, list) and resp and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in resp):
+    if isinstance(resp, list) and resp and all(isinstance(x, (list, tuple)) and len(x) == 2
+                                               and isinstance(x[0], (int, float)) for x in resp):  # (loglik, greedy)
         lls = [float(x[0]) for x in resp]
         best = max(range(len(lls)), key=lls.__getitem__)
         arg = args[best] if best < len(args) else None

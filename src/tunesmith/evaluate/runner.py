@@ -136,6 +136,7 @@ class SuiteSpec:
     takes_data: bool = False  # --data goes to this suite
     classified: bool = False  # the optional refusal classifier also labels its responses
     answers: bool = False  # ``measure`` also returns the model's answer to each record (``responses``)
+    limits_itself: bool = False  # ``records`` applies settings.limit itself (per task of an lm-eval group)
     kind_name: str | None = None  # a kind of its own (``"lm-eval"``: run by lm-evaluation-harness, harness.py)
 
     @property
@@ -217,9 +218,9 @@ def harness_suite(task: str) -> SuiteSpec:
     """An lm-evaluation-harness task as a suite (``harness.py``): lm-eval's prompts and
     metrics; its headline metric is named once it ran."""
     return SuiteSpec(f"{harness.PREFIX}{task}", f"lm-evaluation-harness task {task} (lm-eval's prompts and metrics)",
-                     lambda inp: harness.records(task, inp.settings.lm_eval_include), None,
+                     lambda inp: harness.records(task, inp.settings.lm_eval_include, inp.settings.limit), None,
                      measure=lambda subject, recs, st: harness.measure(task, subject, recs, st), answers=True,
-                     kind_name="lm-eval")
+                     limits_itself=True, kind_name="lm-eval")
 
 
 def _prompt_record(r: dict, i: int) -> dict:
@@ -387,7 +388,8 @@ def evaluate_models(specs: list[str], suites: list, settings: EvalSettings | Non
                                    else trained.get("template_kwargs"))
     plan = []
     for spec, file in resolve_suites(suites, data):
-        records = spec.records(SuiteInput(file, first_run, settings))[:settings.limit]
+        records = spec.records(SuiteInput(file, first_run, settings))
+        records = records if spec.limits_itself else records[:settings.limit]
         if not records:
             raise TunesmithError(f"suite {spec.name} has no records")
         plan.append((spec, records))

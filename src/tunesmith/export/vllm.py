@@ -9,10 +9,16 @@ rules below were read from vLLM's own loader, **vLLM 0.33.0** (the wheel on PyPI
 - ``vllm/lora/peft_helper.py`` (``PEFTHelper._validate_features`` / ``validate_legal``):
   refused are DoRA (``use_dora``), ``modules_to_save`` other than a classification head
   (``classifier`` / ``score``), ``bias`` other than ``"none"``, ``lora_bias``, inits that
-  rewrite the base weights (``init_lora_weights`` = pissa, olora, corda, loftq, …; gaussian,
-  eva, orthogonal, mica and lora_ga are fine), aLoRA, ``layer_replication``, BD-LoRA and
-  QALoRA; the largest rank (``r`` and ``rank_pattern``) must be ≤ the server's
-  ``--max-lora-rank``. rsLoRA is applied (alpha/√r): nothing to say.
+  rewrite the base weights (``init_lora_weights`` = pissa, olora, corda, loftq, …), aLoRA,
+  ``layer_replication``, BD-LoRA and QALoRA; the largest rank (``r`` and ``rank_pattern``)
+  must be ≤ the server's ``--max-lora-rank``. rsLoRA is applied (alpha/√r): nothing to say.
+  The inits vLLM takes (``_init_is_supported``) were checked in PEFT 0.21's
+  ``peft/tuners/lora/layer.py``: gaussian, eva (B = 0), orthogonal and mica (A = 0) only set
+  the first adapter weights, so the saved adapter is right on the plain base. lora_ga is not:
+  ``lora_ga_init`` subtracts the initial scaling·B·A from the base weights before training, and
+  no loader redoes that (not vLLM; not PEFT either, which falls back to a plain init when no
+  gradients are attached), so on the plain base the adapter is another model. vLLM 0.33.0 loads
+  it without complaint; this check refuses it, like pissa and olora.
 - ``vllm/config/lora.py`` (``LoRAConfig.max_lora_rank``): one of 1, 8, 16, 32, 64, 128, 256,
   320, 512, default 16. A rank above 16 loads with the next choice up (a note, and the flag in
   the serve command); above 512 it cannot load. There is no ``lora_extra_vocab_size`` any more:
@@ -46,11 +52,12 @@ head): vLLM would serve it through its pooling runner, whose classification-head
 
 Recorded in ``tunesmith.json`` as ``"vllm"`` (one shape for every outcome)::
 
-    {"ok": true,                       # false: vLLM refuses it (reasons); null: the check could not run
+    {"ok": true,                       # false: vLLM refuses it, or serves it as another model (reasons);
+                                       # null: the check could not run
      "checked_against": "vLLM 0.33.0", # the version these rules were read from
      "reasons": [],                    # one sentence each: the culprit and the fix
      "notes": ["rank 24 needs ..."],   # what serving it needs beyond vLLM's defaults, and caveats
-     "max_lora_rank": 32,              # adapters: the smallest --max-lora-rank that holds it (a flag above 16)
+     "max_lora_rank": 32,              # adapters (refused ones too): the smallest --max-lora-rank that holds it
      "serve": "vllm serve BASE --enable-lora --max-lora-rank 32 --lora-modules NAME=DIR"}  # when ok
 """
 
@@ -85,8 +92,10 @@ ARCHITECTURES: dict[str, tuple[frozenset, frozenset]] = {
     "GraniteForCausalLM": (_LLAMA_LINEARS, _BOTH),             # granite.py
     "Phi3ForCausalLM": (frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}), _BOTH),  # phi3.py (llama's)
 }
-# vllm/lora/peft_helper.py, PEFTHelper._init_is_supported: inits that only set the first adapter weights
-_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+# vllm/lora/peft_helper.py, PEFTHelper._init_is_supported takes gaussian, eva, orthogonal, mica and
+# lora_ga; PEFT 0.21's layer.py: all but lora_ga only set the first adapter weights (lora_ga also
+# changes the base weights, see the module docstring)
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
 _CLASSIFIER_HEADS = ("classifier", "score")  # peft_helper.py: the modules_to_save vLLM accepts
 _MERGED = "export it with --format merged to serve it with vLLM"
 
@@ -173,8 +182,6 @@ def _tokenizer_difference(export_tok, base_tok) -> str | None:
 def _config_reasons(cfg: dict) -> list[str]:
     """peft_helper.py's refusals, read from adapter_config.json."""
     out = []
-    if cfg.get("peft_type", "LORA") != "LORA":
-        out.append(f"This is a {cfg['peft_type']} adapter and vLLM loads LoRA adapters only; {_MERGED}.")
     if cfg.get("use_dora"):
         out.append(f"DoRA adapters (lora.dora: true) are not loaded by vLLM's LoRA loader; {_MERGED}, or retrain "
                    f"with lora.dora: false.")
@@ -187,7 +194,13 @@ def _config_reasons(cfg: dict) -> list[str]:
         what = f"bias: {cfg['bias']}" if cfg.get("bias", "none") != "none" else "lora_bias: true"
         out.append(f"The adapter trains biases ({what}), which vLLM's LoRA loader does not support; {_MERGED}.")
     init = cfg.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+    if isinstance(init, str) and init.lower() == "lora_ga":
+        out.append("PEFT's init_lora_weights 'lora_ga' subtracted the initial adapter from the base weights before "
+                   "training, and the saved adapter is the trained model only on that changed base: vLLM loads it "
+                   "onto the plain base (without complaint) and serves another model; "
+                   f"{_MERGED}, or convert it to a plain LoRA with PEFT's save_pretrained("
+                   "path_initial_model_for_weight_conversion=…).")
+    elif isinstance(init, str) and init.lower() not in _PLAIN_INITS:
         out.append(f"PEFT's init_lora_weights {init!r} also rewrites the base weights when PEFT loads the adapter, "
                    f"which vLLM does not do; {_MERGED}.")
     for key, what in (("alora_invocation_tokens", "activated LoRA (aLoRA)"), ("layer_replication", "layer_replication"),
@@ -317,6 +330,9 @@ def check_adapter(folder: str | Path, base: str | Path, *, tokenizer=None, serve
     ``serve_as``: the folder name the serve command should use (default ``folder``)."""
     folder, base = Path(folder), Path(base)
     cfg = json.loads((folder / "adapter_config.json").read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":  # the one reason: none of the LoRA rules means anything for it
+        return VllmCheck(False, [f"The adapter's peft_type is {cfg['peft_type']} and vLLM loads LoRA adapters "
+                                 f"only; {_MERGED}."])
     base_cfg = _json(base / "config.json")
     arch = (base_cfg.get("architectures") or ["?"])[0]
     vocab = _text_config(base_cfg).get("vocab_size")
@@ -343,8 +359,8 @@ def check_adapter(folder: str | Path, base: str | Path, *, tokenizer=None, serve
                        f"base's size); {_MERGED}.")
     rank_reasons, rank_notes, need = _rank(scan.ranks)
     reasons, notes = reasons + rank_reasons, notes + rank_notes
-    if reasons:
-        return VllmCheck(False, reasons, notes)
+    if reasons:  # the rank it needs is kept: what bench/vllm_check.py gives vLLM to see it refuse
+        return VllmCheck(False, reasons, notes, need)
     return _serve(folder, base, tokenizer, need, notes, serve_as, trust_remote_code, template_kwargs)
 
 

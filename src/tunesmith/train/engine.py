@@ -622,12 +622,15 @@ class _Run:
 def fit(model, method: Method, train_items: list, eval_items: list, lengths: list[int], args: LoopArgs, *,
         accelerator, save_final: Callable[[Path], None], resume: bool = False,
         processed_tokens: Callable[[dict], tuple[int, int]] | None = None,
-        log_to: Callable[[dict], None] | None = None) -> FitResult:
+        log_to: Callable[[dict], None] | None = None, on_start: Callable[[int], None] | None = None) -> FitResult:
     """Train ``model`` (a transformers/PEFT causal LM) with ``method`` on ``train_items``.
 
     ``lengths[i]`` is item i's token count (for length grouping); ``processed_tokens(batch)``
     returns (real tokens, processed tokens incl. padding) for throughput and efficiency;
-    ``log_to(record)`` receives every metrics.jsonl record on the main process (trackers).
+    ``log_to(record)`` receives every metrics.jsonl record on the main process (trackers);
+    ``on_start(step)`` is called once training can begin — after a resume's checks passed
+    and its checkpoint loaded (``step``: the checkpoint's; 0 for a fresh run), before
+    metrics.jsonl is touched and before step 1 (the trackers' runs start there).
     """
     from tunesmith.train import memory
 
@@ -635,6 +638,8 @@ def fit(model, method: Method, train_items: list, eval_items: list, lengths: lis
     plan = _plan(len(train_items), args, accelerator.num_processes)
     t = _set_up(model, method, args, plan, accelerator)
     step, state, forced = _resume(model, t, args, plan, accelerator) if resume else (0, TrainerState(), [])
+    if on_start is not None:
+        on_start(step)
     log = _MetricsLog(Path(args.output_dir), is_main, resumed_at=step if resume else None, log_to=log_to)
     run = _Run(model, method, eval_items, args, plan, accelerator, t, state, log)
     t.module.train()

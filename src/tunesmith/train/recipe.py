@@ -401,8 +401,9 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", dump_yaml(cfg))
 
-    # --- the trackers' runs start (continue, on --resume); anything below that raises marks them failed
-    with trackers.Trackers(cfg.report_to if is_main else (), out).start(cfg.to_dict(), resume) as tracked:
+    # --- the trackers' runs start (continue, on --resume) when fit can begin (its resume checks passed);
+    # anything that raises after that marks them failed, anything before leaves them as they were
+    with trackers.Trackers(cfg.report_to if is_main else (), out, cfg.to_dict(), resume) as tracked:
         # --- the method, with its reference (precomputed values ride on the items)
         autocast = (lambda: torch.autocast(accelerator.device.type, dtype=dtype)) \
             if dtype != torch.float32 else contextlib.nullcontext
@@ -419,7 +420,7 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
         # --- train, save, record
         result = fit(model, trainer, data.train, data.eval, data.lengths, loop_args(cfg, dtype, force_resume, inputs),
                      accelerator=accelerator, save_final=_final_writer(model, tokenizer, template_source),
-                     resume=resume, processed_tokens=processed_tokens, log_to=tracked.log)
+                     resume=resume, processed_tokens=processed_tokens, on_start=tracked.start, log_to=tracked.log)
         manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype,
                              started, data_hashes, inputs,
                              data.formatting.to_dict() if data.formatting is not None else None)

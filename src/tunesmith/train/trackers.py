@@ -11,8 +11,24 @@ our own loop (``train/engine.py``), so nothing would ever call them.
 
 One run folder is one tracker run. The ids a tracker gave the run at its first start are
 kept in ``OUTPUT_DIR/trackers.json`` (and in ``run.json``), and ``--resume`` continues
-those runs rather than opening new ones. A run that raises is marked failed; one stopped
-by SIGTERM/SIGINT (checkpoint saved) ends as stopped, not finished. Where the data goes:
+those runs rather than opening new ones. The runs start (continue) only once training can
+begin: ``fit`` calls ``Trackers.start`` after a resume's checks passed and its checkpoint
+loaded, before step 1, so a refused ``--resume`` (no complete checkpoint, changed config or
+inputs) leaves the previous runs exactly as they were. A run that raises after that is
+marked failed; one stopped by SIGTERM/SIGINT (checkpoint saved) ends as stopped, not finished.
+
+After a crash (SIGKILL, power loss) between checkpoints, ``--resume`` replays the steps after
+the last checkpoint (bit-identically) and metrics.jsonl drops and rewrites them. A tracker
+is not sent again what its run already holds: MLflow (each metric's history) and trackio
+(its local database) skip a metric at a step at or below the last step they hold for that
+metric, wandb online skips steps below the step its resumed run continues at
+(``run.starting_step``; wandb itself would drop them), and TensorBoard hides the earlier
+event files' points from the first replayed step on (``purge_step``) and gets them again.
+The points kept are the first ones: equal for the deterministic metrics (``loss``,
+``eval_loss``...), from the first pass for timings, and from before the change under
+``--force-resume``. wandb offline cannot know: each start writes its own folder; the resumed
+start's holds every step from the checkpoint on, the crashed start's what wandb had written
+of its buffer when killed, so a replayed step may be in both. Where the data goes:
 
 - tensorboard: ``OUTPUT_DIR/tensorboard``;
 - wandb: ``OUTPUT_DIR/wandb`` (or ``WANDB_DIR``); ``WANDB_MODE``, ``WANDB_PROJECT`` (default
@@ -78,11 +94,24 @@ def _quiet_stdout():
 
 class Tracker:
     """One tracker's run. ``start`` returns what identifies the run (stored in
-    ``trackers.json``); ``previous`` is that from the run's earlier start, on --resume."""
+    ``trackers.json``); ``previous`` is that from the run's earlier start, on --resume.
+
+    What a continued run already holds, found by ``start``: ``held[name]`` the last step
+    of metric ``name``, ``held_all`` the last step of every metric (-1: none)."""
 
     name = ""
     package = ""   # the import name find_spec looks for; also what `pip install` takes
     hint = ""      # how to fix a run that cannot start
+    held: dict[str, int] = {}  # replaced by start, never mutated
+    held_all = -1
+
+    def holds(self, metric: str, step: int) -> bool:
+        """Whether the run already has ``metric`` at ``step`` (logged before a crash, and
+        now replayed from the checkpoint)."""
+        return step <= max(self.held_all, self.held.get(metric, -1))
+
+    def last_held(self) -> int:
+        return max([self.held_all, *self.held.values()])
 
     def start(self, out: Path, config: dict, run_name: str, previous: dict | None) -> dict:
         raise NotImplementedError
@@ -147,7 +176,11 @@ class Wandb(Tracker):
                 allow_val_change=previous is not None,  # report_to, save/eval steps may change on --resume
                 reinit="create_new")  # beside any run the caller has open, which it leaves alone
         # Offline (WANDB_MODE=offline), each start writes its own offline-run-*-ID folder in
-        # `dir` under the same run id: wandb does not resume offline runs locally.
+        # `dir` under the same run id: wandb does not resume offline runs locally, and its
+        # starting step stays 0. Online, a resumed run continues at the step after its last
+        # one; wandb drops a log() below it, so those steps are not sent.
+        if previous is not None and self.run.starting_step > 0:
+            self.held_all = self.run.starting_step - 1
         return {"id": self.run.id, "project": project, "dir": str(Path(self.run.dir).parent.parent)}
 
     def log(self, metrics, step):
@@ -177,22 +210,42 @@ class MLflow(Tracker):
     hint = "check MLFLOW_TRACKING_URI"
     STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", STOPPED: "KILLED"}
 
+    ALLOW = "MLFLOW_ALLOW_FILE_STORE"
+    _allowed = False  # whether this run set ALLOW (unset again at finish)
+
     def start(self, out, config, run_name, previous):
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out / "mlruns").resolve().as_uri()
+        scheme = urlparse(uri).scheme
+        if (scheme in ("", "file") or len(scheme) == 1) and self.ALLOW not in os.environ:
+            # A file store (a path, a file: URI, a Windows drive): the one local store
+            # mlflow-skinny has. MLflow 3 keeps it in maintenance mode and refuses it unless
+            # allowed: allowed for this run's lifetime only; an explicit user setting wins.
+            os.environ[self.ALLOW], self._allowed = "true", True
+        try:
+            return self._start(uri, out, config, run_name, previous)
+        except BaseException:
+            self._disallow()
+            raise
+
+    def _disallow(self) -> None:
+        if self._allowed:
+            os.environ.pop(self.ALLOW, None)
+            self._allowed = False
+
+    def _start(self, uri, out, config, run_name, previous):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out / "mlruns").resolve().as_uri()
-        scheme = urlparse(uri).scheme
-        if scheme in ("", "file") or len(scheme) == 1:  # a path, a file: URI, a Windows drive
-            # A file store: the one local store mlflow-skinny has. MLflow 3 keeps it in
-            # maintenance mode and refuses it unless allowed; an explicit user setting wins.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = client = MlflowClient(tracking_uri=uri)
         run, existing = None, {}
         if previous and previous.get("run_id"):
             try:
                 run = client.get_run(previous["run_id"])
                 existing = dict(run.data.params)
+                # each metric's last step: the steps after the checkpoint that a crash left in
+                # the run are the ones this resume replays
+                self.held = {k: max((m.step for m in client.get_metric_history(run.info.run_id, k)), default=-1)
+                             for k in run.data.metrics}
                 client.update_run(run.info.run_id, status="RUNNING")
             except MlflowException as e:
                 if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
@@ -236,13 +289,16 @@ class MLflow(Tracker):
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v in metrics.items()])
 
     def finish(self, status, run_json, signal_name, error):
-        if run_json is not None:
-            self.client.log_dict(self.run_id, run_json, "run.json")
-        if error is not None:
-            self.client.set_tag(self.run_id, "tunesmith.error", error[:5000])
-        if signal_name is not None:
-            self.client.set_tag(self.run_id, "tunesmith.stopped_by", signal_name)
-        self.client.set_terminated(self.run_id, status=self.STATUS[status])
+        try:
+            if run_json is not None:
+                self.client.log_dict(self.run_id, run_json, "run.json")
+            if error is not None:
+                self.client.set_tag(self.run_id, "tunesmith.error", error[:5000])
+            if signal_name is not None:
+                self.client.set_tag(self.run_id, "tunesmith.stopped_by", signal_name)
+            self.client.set_terminated(self.run_id, status=self.STATUS[status])
+        finally:
+            self._disallow()
 
 
 _PARAM_KEY = re.compile(r"^[\w\-. /]+$")
@@ -279,6 +335,12 @@ class Trackio(Tracker):
             else:  # a name of its own: trackio resumes runs by name within a project
                 self.run = trackio.init(project=project, name=f"{run_name}-{secrets.token_hex(3)}", config=config,
                                         resume="never", embed=False)
+        if previous is not None:  # each metric's last step in trackio's local database
+            held: dict[str, int] = {}
+            for row in trackio.SQLiteStorage.get_logs(project, run_id=self.run.id):
+                for k in row.keys() - {"step", "timestamp"}:
+                    held[k] = max(held.get(k, -1), int(row["step"]))
+            self.held = held
         return {"project": project, "name": self.run.name, "id": self.run.id, "dir": str(utils.TRACKIO_DIR)}
 
     def log(self, metrics, step):
@@ -343,23 +405,30 @@ def _where(name: str, ident: dict) -> str:
 class Trackers:
     """The trackers of one run, on the main process (elsewhere: none).
 
-        with Trackers(cfg.report_to, out).start(cfg.to_dict(), resumed) as trackers:
-            fit(..., log_to=trackers.log)
+        with Trackers(cfg.report_to, out, cfg.to_dict(), resumed) as trackers:
+            fit(..., on_start=trackers.start, log_to=trackers.log)
             trackers.finish(FINISHED, run_json)
 
-    Leaving the block by an exception marks the runs failed; the exception goes on unchanged.
+    The runs start (continue, on --resume) at ``start``, which ``fit`` calls once training
+    can begin: an exception before it (a refused --resume) leaves every tracker run as it
+    was. Leaving the block by an exception after it marks the runs failed; the exception goes
+    on unchanged.
     """
 
-    def __init__(self, names: Iterable[str], out: Path):
-        self.out = Path(out)
+    def __init__(self, names: Iterable[str], out: Path, config: dict, resumed: bool):
+        self.out, self.config, self.resumed = Path(out), config, resumed
         self.trackers = [ADAPTERS[n]() for n in dict.fromkeys(names)]
         self.live: list[Tracker] = []
         self.ids: dict[str, dict] = {}
-        self.done = False
+        self.started = self.done = False
 
-    def start(self, config: dict, resumed: bool) -> Trackers:
-        if not self.trackers:
-            return self
+    def start(self, step: int = 0) -> None:
+        """Start (continue) the runs; ``step``: the step training starts from (a resume's
+        checkpoint). A tracker that cannot start is refused in one sentence."""
+        if self.started or not self.trackers:
+            return
+        self.started = True
+        resumed, config = self.resumed, self.config
         previous = self._previous() if resumed else {}
         run_name = self.out.resolve().name
         for t in self.trackers:
@@ -378,7 +447,11 @@ class Trackers:
         verb = "continue" if resumed else "start"
         console.info("trackers: " + "; ".join(f"{n} {_where(n, i)}" for n, i in self.ids.items())
                      + f" ({verb}; ids in {self.out / IDS_FILE})")
-        return self
+        for t in self.live:
+            if t.last_held() > step:
+                console.info(f"report_to {t.name}: its run already holds steps {step + 1}-{t.last_held()}, logged "
+                             f"after checkpoint-{step} before the previous start ended; replayed now, they are not "
+                             f"sent to it again")
 
     def _previous(self) -> dict:
         path = self.out / IDS_FILE
@@ -395,11 +468,13 @@ class Trackers:
             return
         metrics = {k: float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        if not metrics:
-            return
+        step = int(record["step"])
         for t in list(self.live):
+            todo = {k: v for k, v in metrics.items() if not t.holds(k, step)}
+            if not todo:
+                continue
             try:
-                t.log(metrics, int(record["step"]))
+                t.log(todo, step)
             except Exception as e:
                 self.live.remove(t)
                 console.warn(f"report_to {t.name}: logging failed ({describe(e)}); {t.name} gets no more "
