@@ -10,6 +10,20 @@ class TunesmithError(Exception):
     """A user-facing error: ``str(err)`` is the whole message."""
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs become one space), at most ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def describe(exc: BaseException, limit: int = 2000) -> str:
+    """An exception as one line: a TunesmithError's own sentence, else ``Type: message`` (a
+    library's error quoted inside a sentence of ours)."""
+    if isinstance(exc, TunesmithError):
+        return one_line(str(exc), limit)
+    return one_line(f"{type(exc).__name__}: {exc}", limit)
+
+
 class DataError(TunesmithError):
     """A problem in an input data file, located as ``file:line:field: reason``.
 

@@ -32,7 +32,7 @@ import math
 import os
 from typing import Any
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, describe
 from tunesmith.evaluate.stats import rate_summary
 
 PREFIX = "lm-eval:"
@@ -127,10 +127,6 @@ def manager(include: tuple[str, ...], task: str):
     return full
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
-
-
 def load_tasks(task: str, include: tuple[str, ...]) -> dict[str, Any]:
     """{leaf task name: lm-eval Task} of ``task`` (one task, or a group's leaves), datasets
     read. A name of several tasks must be a group with an aggregate metric (its one number);
@@ -150,7 +146,7 @@ def load_tasks(task: str, include: tuple[str, ...]) -> dict[str, Any]:
     except TunesmithError:
         raise
     except Exception as e:  # YAML, !function imports, Jinja: lm-eval's own message, in one line
-        raise TunesmithError(f"lm-eval could not load task {task!r} ({_one_line(e)}); check its YAML") from None
+        raise TunesmithError(f"lm-eval could not load task {task!r} ({describe(e, 500)}); check its YAML") from None
     leaves, group = loaded["tasks"], loaded["groups"].get(task)
     if len(leaves) > 1 and (group is None or not group.aggregate_metric_list):
         what = "group without aggregate_metric_list" if group is not None else "tag"
@@ -214,7 +210,7 @@ def measure(task: str, subject, records: list[dict], settings) -> dict:
     except TunesmithError:
         raise
     except Exception as e:  # lm-eval's own refusal of a setting or a document, in one line
-        raise TunesmithError(f"lm-eval stopped on task {task!r} with {subject.member.label} ({_one_line(e)})") \
+        raise TunesmithError(f"lm-eval stopped on task {task!r} with {subject.member.label} ({describe(e, 500)})") \
             from None
     return outcome(task, records, out)
 

@@ -148,11 +148,6 @@ class SuiteSpec:
         """Its prompts and the models' answers go into eval.json (side by side, regressions)."""
         return self.measure is None or self.answers
 
-    @property
-    def generates(self) -> bool:
-        """It needs a model that produces text (not a reward model)."""
-        return self.measure is None or self.kind_name == "lm-eval"
-
 
 SUITES: dict[str, SuiteSpec] = {}
 
@@ -394,7 +389,7 @@ def evaluate_models(specs: list[str], suites: list, settings: EvalSettings | Non
             raise TunesmithError(f"suite {spec.name} has no records")
         plan.append((spec, records))
     scorer = next((m for m in pool.members if m.is_scorer), None)
-    if scorer is not None and any(s.generates for s, _ in plan):
+    if scorer is not None and any(s.shows_outputs for s, _ in plan):  # suites that need the model's own text
         raise TunesmithError(f"{scorer.label} is a reward model: it scores text but cannot generate; "
                              f"evaluate it with --suite preference")
     classifier = RefusalClassifier(settings.classifier, settings.classifier_threshold) if settings.classifier else None

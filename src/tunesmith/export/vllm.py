@@ -68,6 +68,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunesmith.errors import describe
+
 VLLM_VERSION = "0.33.0"
 # vllm/config/lora.py: MaxLoRARanks = Literal[...]; LoRAConfig.max_lora_rank = 16
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -410,4 +412,4 @@ def check_export(folder: str | Path, fmt: str, *, base: str | Path | None = None
             return check_merged(folder, **{k: v for k, v in kw.items() if k != "tokenizer"}).to_json()
         return check_adapter(folder, base, **kw).to_json()
     except Exception as e:  # the export itself is fine: say the check did not run, never fail it
-        return VllmCheck(None, notes=[f"the vLLM check could not run ({type(e).__name__}: {e})"]).to_json()
+        return VllmCheck(None, notes=[f"the vLLM check could not run ({describe(e)})"]).to_json()

@@ -61,24 +61,12 @@ from typing import Any, Iterable
 from urllib.parse import urlparse
 
 from tunesmith import console
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, describe, one_line
 from tunesmith.files import dumps, write_text_atomic
 
 IDS_FILE = "trackers.json"
 PROJECT = "tunesmith"  # wandb project, mlflow experiment and trackio project unless the environment names one
 FINISHED, FAILED, STOPPED = "finished", "failed", "stopped"
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def describe(exc: BaseException) -> str:
-    """An exception as one line: a TunesmithError's own sentence, else ``Type: message``."""
-    if isinstance(exc, TunesmithError):
-        return _one_line(str(exc), 2000)
-    return _one_line(f"{type(exc).__name__}: {exc}", 2000)
 
 
 @contextlib.contextmanager
@@ -439,7 +427,7 @@ class Trackers:
                 if not isinstance(e, Exception):
                     raise
                 why = str(e) if isinstance(e, TunesmithError) else describe(e)
-                raise TunesmithError(f"report_to {t.name}: the tracker could not start a run ({_one_line(why, 200)}); "
+                raise TunesmithError(f"report_to {t.name}: the tracker could not start a run ({one_line(why, 200)}); "
                                      f"{t.hint}, or remove {t.name} from report_to") from e
             self.live.append(t)
         # Kept for trackers left out of this start too, so a later --resume with them finds them.
