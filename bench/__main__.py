@@ -44,7 +44,7 @@ def parse(argv):
     p.add_argument("--runners", default=None,
                    help=f"runners, comma-separated (default: the plan in workloads.py): {','.join(RUNNERS)}")
     p.add_argument("--steps", type=int, default=None, help="measured steps per runner (trl-default: half)")
-    p.add_argument("--skip", default="", help="extras to skip, comma-separated: generation,startup,compare")
+    p.add_argument("--skip", default="", help="extras to skip, comma-separated: generation,grpo,startup,compare")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +53,7 @@ def parse(argv):
     args = p.parse_args(argv)
     for name, given, allowed in (("--only", args.only, WORKLOADS), ("--datasets", args.datasets, DATASETS),
                                  ("--runners", args.runners or "", RUNNERS),
-                                 ("--skip", args.skip, ("generation", "startup", "compare"))):
+                                 ("--skip", args.skip, ("generation", "grpo", "startup", "compare"))):
         bad = [x for x in given.split(",") if x and x not in allowed]
         if bad:
             p.error(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
@@ -140,10 +140,16 @@ def main(argv=None) -> int:
             else:
                 what = "pending" if r.get("pending") else "FAILED"
                 console.print(f"[{i + 1}/{len(specs)}] {label}: [yellow]{what}[/yellow] {r.get('error')}")
-        gen = startup = compare = None
+        gen = startup = compare = grpo = None
         if "generation" not in skip:
             gen = run_job({"kind": "generate", "threads": args.threads, "model": args.model,
-                           "new_tokens": 8 if args.quick else 64, "batches": [1, 8]}, work, "generate", timeout)
+                           "new_tokens": {1: 8, 16: 8} if args.quick else {1: 128, 16: 64}}, work, "generate", timeout)
+            console.print(report.generation_line(gen))
+        if "grpo" not in skip:
+            grpo = [run_job({"kind": "grpo", "threads": args.threads, "model": args.model, "work": str(work),
+                             "variant": v, "steps": 2 if args.quick else 3, "new_tokens": 8 if args.quick else 64},
+                            work, f"grpo-{v}", timeout) for v in ("transformers", "tunesmith")]
+            console.print(report.grpo_line(grpo))
         if "startup" not in skip:
             from bench.extras import startup as measure_startup
             from bench.workloads import QUICK
@@ -156,10 +162,10 @@ def main(argv=None) -> int:
             compare = compare_row(args.model, work, prompts=8 if args.quick else 60,
                                   new_tokens=8 if args.quick else 64)
         report.add_ratios_and_mfu(rows, peaks if peaks.get("ok") else None)
-        goals = report.targets(rows, startup)
+        goals = report.targets(rows, startup, gen, grpo)
         result = {"timestamp": stamp, "quick": args.quick, "argv": sys.argv[1:] if argv is None else argv,
                   "wall_s": round(time.time() - started, 1), "machine": machine(),
-                  "threads": args.threads, "matmul_peak_flops": peaks, "training": rows, "generation": gen,
+                  "threads": args.threads, "matmul_peak_flops": peaks, "training": rows, "generation": gen, "grpo": grpo,
                   "startup": startup, "compare": compare, "targets": goals}
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{stamp}{'-quick' if args.quick else ''}.json"
@@ -168,7 +174,7 @@ def main(argv=None) -> int:
             console.print(report.training_table(rows))
         for line in report.failures(rows):
             console.print(f"[yellow]{line}[/yellow]", markup=True)
-        console.print(report.extras_table(peaks if peaks.get("ok") else None, gen, startup, compare))
+        console.print(report.extras_table(peaks if peaks.get("ok") else None, gen, startup, compare, grpo))
         console.print(report.targets_table(goals))
         console.print(f"results: {path}  ({result['wall_s']:.0f} s)")
         return 0

@@ -37,8 +37,46 @@ def add_ratios_and_mfu(rows: list[dict], peaks: dict | None) -> None:
             r[col] = round(x / base, 3) if base else None
 
 
-def targets(rows: list[dict], startup: dict | None) -> list[dict]:
-    """The issue's targets; tunesmith is taken at its faster dtype (auto or fp32)."""
+def _gen(gen: dict | None, decoder: str, batch: int, dtypes=("float32", "bfloat16")) -> tuple[float | None, str]:
+    """(best tokens/s, "decoder dtype") of ``decoder`` at ``batch`` among ``dtypes``."""
+    found = [(g["tokens_per_s"], f"{decoder} {_dtype(g)}") for g in (gen or {}).get("rows", [])
+             if g["decoder"] == decoder and g["batch"] == batch and g["dtype"] in dtypes]
+    return max(found) if found else (None, "")
+
+
+def _speed_targets(rows: list[dict], gen: dict | None, grpo: list[dict] | None) -> list[dict]:
+    """The "speed close to the hardware" targets: training ratios, generation, GRPO."""
+    out = []
+
+    def add(name, goal, a, b, detail, limit):
+        value = a / b if a and b else None
+        out.append({"target": name, "goal": f">= {limit}x" if goal is None else goal, "value": value,
+                    "detail": detail if value is not None else "—", "pass": None if value is None else value >= limit})
+
+    for wl, goal in (("sft-lora", 3.0), ("dpo-lora", 2.0), ("sft-full", 2.0)):
+        (a, who), (b, whom) = _rate(rows, wl, "uniform", TUNESMITH), _rate(rows, wl, "uniform", TRL_BEST)
+        add(f"{wl} uniform vs TRL best (speed)", None, a, b, f"{who} vs {whom}", goal)
+    bf16 = [r for r in rows if r.get("ok") and r.get("mfu") is not None and r["workload"] == "sft-lora"
+            and r["dataset"] == "uniform" and r["runner"] in TUNESMITH and r.get("dtype") == "bfloat16"]
+    m = max((r["mfu"] for r in bf16), default=None)
+    out.append({"target": "sft-lora uniform MFU vs the bf16 peak", "goal": ">= 50%", "value": m,
+                "detail": "tunesmith bf16" if m is not None else "—", "pass": None if m is None else m >= 0.5,
+                "percent": True})
+    ours, who = _gen(gen, "tunesmith", 1)
+    cpp = ((gen or {}).get("gguf_f16") or {}).get("tokens_per_s")
+    add("generation batch 1 vs llama.cpp f16 GGUF", None, ours, cpp, f"{who} vs llama.cpp f16 (same weights)", 0.5)
+    ours, who = _gen(gen, "tunesmith", 16)
+    before, whom = _gen(gen, "transformers", 16, ("float32",))
+    add("generation batch 16 vs before (transformers fp32)", None, ours, before, f"{who} vs {whom}", 3.0)
+    by = {g.get("variant"): g.get("step_s") for g in grpo or [] if g.get("ok")}
+    add("GRPO step (4x4, 64 new) vs before", None, by.get("transformers"), by.get("tunesmith"),
+        "sampling by tunesmith's engine vs transformers' generate", 2.0)
+    return out
+
+
+def targets(rows: list[dict], startup: dict | None, gen: dict | None = None, grpo: list[dict] | None = None
+            ) -> list[dict]:
+    """The issues' targets; tunesmith is taken at its faster dtype (auto or fp32)."""
     out = []
 
     def ratio(name, workload, dataset, ours, theirs, goal):
@@ -67,7 +105,7 @@ def targets(rows: list[dict], startup: dict | None) -> list[dict]:
     s = (startup or {}).get("to_first_step_s")
     out.append({"target": "start-up to first step", "goal": "< 15 s", "value": s, "detail": "tunesmith train",
                 "pass": None if s is None else s < 15, "seconds": True})
-    return out
+    return out + _speed_targets(rows, gen, grpo)
 
 
 def _f(x, fmt="{:.1f}") -> str:
@@ -123,8 +161,26 @@ def targets_table(items: list[dict]) -> Table:
     return t
 
 
-def extras_table(peaks: dict | None, gen: dict | None, startup: dict | None, compare: dict | None) -> Table:
-    t = Table(title="matmul peak, generation, start-up, compare")
+def generation_line(gen: dict) -> str:
+    """One console line per generation job: every decoder at every batch, llama.cpp beside them."""
+    if not gen.get("ok"):
+        return f"generation: [yellow]FAILED[/yellow] {gen.get('error')}"
+    parts = [f"{g['decoder']} {_dtype(g)} b{g['batch']} {g['tokens_per_s']:.1f}" for g in gen["rows"]]
+    cpp = gen.get("gguf_f16") or {}
+    parts.append(f"llama.cpp f16 b1 {cpp['tokens_per_s']:.1f}" if cpp.get("status") == "ok"
+                 else f"llama.cpp: {cpp.get('status')}")
+    return "generation (new tok/s): " + ", ".join(parts)
+
+
+def grpo_line(grpo: list[dict]) -> str:
+    return "GRPO step: " + ", ".join(
+        f"{g['variant']} {g['step_s']:.2f} s (completions {g['completion_length_mean']} tokens)" if g.get("ok")
+        else f"{g.get('variant', '?')} FAILED {g.get('error')}" for g in grpo)
+
+
+def extras_table(peaks: dict | None, gen: dict | None, startup: dict | None, compare: dict | None,
+                 grpo: list[dict] | None = None) -> Table:
+    t = Table(title="matmul peak, generation, GRPO, start-up, compare")
     t.add_column("row")
     t.add_column("value", justify="right")
     t.add_column("note")
@@ -133,10 +189,18 @@ def extras_table(peaks: dict | None, gen: dict | None, startup: dict | None, com
             if peaks.get(k):
                 t.add_row(f"matmul peak {k}", f"{peaks[k] / 1e9:.0f} GFLOP/s", "best of 5 torch.mm 2048^3")
     for g in (gen or {}).get("rows", []):
-        t.add_row(f"generate batch {g['batch']} {g['dtype']}", f"{g['tokens_per_s']:.1f} tok/s",
+        t.add_row(f"generate batch {g['batch']}: {g['decoder']} {_dtype(g)}", f"{g['tokens_per_s']:.1f} tok/s",
                   f"{g['new_tokens']} new tokens greedy, {g['seconds']:.2f} s")
+    cpp = (gen or {}).get("gguf_f16")
+    if cpp:
+        t.add_row("generate batch 1: llama.cpp f16 GGUF", _f(cpp.get("tokens_per_s"), "{:.1f} tok/s"),
+                  cpp.get("status") if cpp.get("status") != "ok" else f"{cpp['new_tokens']} new tokens greedy")
     if gen and not gen.get("ok", True):
         t.add_row("generate", "failed", (gen.get("error") or "")[:80])
+    for g in grpo or []:
+        t.add_row(f"GRPO step, sampling by {g.get('variant')}", _f(g.get("step_s"), "{:.2f} s") if g.get("ok")
+                  else "failed", f"completions {g.get('completion_length_mean')} tokens" if g.get("ok")
+                  else (g.get("error") or "")[:80])
     if startup:
         t.add_row("start-up: data report line", _f(startup.get("to_train_start_s"), "{:.1f} s"), startup["command"])
         t.add_row("start-up: first metrics line", _f(startup.get("to_first_step_s"), "{:.1f} s"),
@@ -166,11 +230,18 @@ def markdown(result: dict) -> str:
     if peaks.get("fp32"):
         lines.append(f"| matmul peak fp32 / bf16 (2048² torch.mm, best of 5) | {peaks['fp32'] / 1e9:.0f} / "
                      f"{peaks.get('bf16', 0) / 1e9:.0f} GFLOP/s |")
-    gen = {(g["dtype"], g["batch"]): g["tokens_per_s"] for g in (result.get("generation") or {}).get("rows", [])}
-    for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16 weights")):
-        if (dtype, 1) in gen and (dtype, 8) in gen:
-            lines.append(f"| generation batch 1 / batch 8, {label}, 64 new tokens | {gen[(dtype, 1)]:.1f} / "
-                         f"{gen[(dtype, 8)]:.1f} tok/s |")
+    gen = result.get("generation") or {}
+    for g in gen.get("rows", []):
+        lines.append(f"| generation batch {g['batch']}, {g['new_tokens']} new tokens: {g['decoder']} {_dtype(g)} | "
+                     f"{g['tokens_per_s']:.1f} tok/s |")
+    cpp = gen.get("gguf_f16") or {}
+    if cpp.get("status") == "ok":
+        lines.append(f"| generation batch 1, {cpp['new_tokens']} new tokens: llama.cpp, tunesmith's f16 GGUF | "
+                     f"{cpp['tokens_per_s']:.1f} tok/s |")
+    for g in result.get("grpo") or []:
+        if g.get("ok"):
+            lines.append(f"| GRPO step (4 prompts x 4 samples, 64 new), sampling by {g['variant']} | "
+                         f"{g['step_s']:.2f} s |")
     s = result.get("startup") or {}
     if s.get("to_first_step_s") is not None:
         lines.append(f"| start-up to the first step (cached model) | {s['to_first_step_s']:.1f} s "

@@ -3,7 +3,7 @@
     python -m bench.worker JOB.json RESULT.json
 
 JOB holds ``{"kind": "train", "spec": {...}}`` (bench.workloads.Spec), ``{"kind": "peak"}``
-or ``{"kind": "generate", ...}``. The result JSON is written even when the run fails
+``{"kind": "generate", ...}`` or ``{"kind": "grpo", "variant": ...}``. The result JSON is written even when the run fails
 (``ok: false`` with the error), so one broken configuration never stops the benchmark.
 """
 
@@ -65,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         elif job["kind"] == "generate":
             from bench.extras import generation
 
-            result = {"ok": True, **generation(job["model"], job["new_tokens"], tuple(job["batches"]))}
+            result = {"ok": True, **generation(job["model"], {int(b): n for b, n in job["new_tokens"].items()},
+                                               job.get("llama_cpp", True))}
+        elif job["kind"] == "grpo":
+            from pathlib import Path
+
+            from bench.extras import grpo_step
+
+            result = {"ok": True, **grpo_step(job["model"], Path(job["work"]), job["variant"], job["steps"],
+                                              job["new_tokens"])}
         else:
             raise ValueError(f"unknown job kind {job['kind']}")
     except Exception as e:  # reported in the results, never fatal to the whole benchmark

@@ -4,7 +4,7 @@ flows one way, and no function grows past a page.
     cli → pipeline → {train, evaluate, export} → infer → {data, models, files, hardware, config}
 
 (``export`` and ``evaluate`` stand beside each other; ``train`` may use ``infer`` for
-GRPO's reward models; ``quickstart`` is reached from ``cli`` only.)
+GRPO's reward models and its sampling; ``quickstart`` is reached from ``cli`` only.)
 """
 
 from __future__ import annotations

@@ -76,3 +76,36 @@ def test_ratios_and_targets():
     assert goals["start-up to first step"]["pass"] is True
     assert "| sft-lora | uniform | tunesmith | bf16 | 200.0 |" in report.markdown(
         {"training": rows, "targets": list(goals.values())})
+
+
+def test_speed_targets_from_generation_and_grpo_rows():
+    rows = [_row("tunesmith", 300.0), _row("trl-best", 100.0), _row("tunesmith", 150.0, "sft-full"),
+            _row("trl-best", 100.0, "sft-full"), _row("tunesmith", 90.0, "dpo-lora"), _row("trl-best", 50.0, "dpo-lora")]
+    report.add_ratios_and_mfu(rows, {"fp32": 1e12, "bf16": 4e12})
+
+    def g(decoder, dtype, batch, rate):
+        return {"decoder": decoder, "dtype": dtype, "batch": batch, "new_tokens": 64, "seconds": 1.0,
+                "tokens_per_s": rate, "prompt_tokens_max": 40}
+
+    gen = {"ok": True, "rows": [g("transformers", "float32", 1, 15.0), g("transformers", "float32", 16, 100.0),
+                                g("transformers", "bfloat16", 16, 140.0), g("tunesmith", "float32", 1, 25.0),
+                                g("tunesmith", "bfloat16", 1, 36.0), g("tunesmith", "bfloat16", 16, 290.0)],
+           "gguf_f16": {"status": "ok", "tokens_per_s": 70.0, "new_tokens": 128}}
+    grpo = [{"ok": True, "variant": "transformers", "step_s": 20.0, "completion_length_mean": 60},
+            {"ok": True, "variant": "tunesmith", "step_s": 9.0, "completion_length_mean": 61}]
+    goals = {t["target"]: t for t in report.targets(rows, None, gen, grpo)}
+    assert goals["sft-lora uniform vs TRL best (speed)"]["value"] == 3.0
+    assert goals["sft-lora uniform vs TRL best (speed)"]["pass"] is True
+    assert goals["dpo-lora uniform vs TRL best (speed)"]["value"] == 1.8
+    assert goals["dpo-lora uniform vs TRL best (speed)"]["pass"] is False
+    assert goals["sft-full uniform vs TRL best (speed)"]["value"] == 1.5
+    one = goals["generation batch 1 vs llama.cpp f16 GGUF"]
+    assert abs(one["value"] - 36 / 70) < 1e-9 and one["pass"] is True and "tunesmith bf16" in one["detail"]
+    sixteen = goals["generation batch 16 vs before (transformers fp32)"]  # against fp32, never the bf16 row
+    assert sixteen["value"] == 2.9 and sixteen["pass"] is False
+    assert goals["GRPO step (4x4, 64 new) vs before"]["value"] == 20 / 9
+    assert goals["sft-lora uniform MFU vs the bf16 peak"]["value"] == 0.025  # 1e12 FLOPs / 10 s / 4e12
+    text = report.markdown({"training": rows, "generation": gen, "grpo": grpo, "targets": list(goals.values())})
+    assert "llama.cpp, tunesmith's f16 GGUF | 70.0 tok/s" in text and "sampling by tunesmith | 9.00 s" in text
+    missing = {t["target"]: t for t in report.targets(rows, None, None, None)}
+    assert missing["generation batch 1 vs llama.cpp f16 GGUF"]["pass"] is None

@@ -140,11 +140,31 @@ def test_cli_generate_refuses_bad_input(tiny, tmp_path):  # noqa: F811
     pairs.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
     answered = tmp_path / "answered.jsonl"
     answered.write_text(json.dumps({"messages": PROMPTS[2] + [{"role": "assistant", "content": "x"}]}) + "\n")
-    for extra in (["--prompts", str(pairs)], ["--prompts", str(answered), "--top-p", "0"]):
+    for extra in (["--prompts", str(pairs)], ["--prompts", str(answered), "--top-p", "0"],
+                  ["--prompts", str(answered), "--dtype", "fp8"]):
         with pytest.raises(SystemExit) as e:
             main(["generate", str(tiny["merged"]), "-o", str(tmp_path / "o.jsonl"), *extra])
         assert e.value.code == 1
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_dtype_fp32_is_transformers_fp32_and_bf16_is_recorded(tiny, run_model, tmp_path, capsys):  # noqa: F811
+    """--dtype reaches the decoder: fp32 gives exactly transformers' fp32 greedy text; eval records
+    the precision it decoded with; a wrong --dtype in eval is one sentence."""
+    from tunesmith.cli import main
+
+    model, tok, _ = run_model
+    ids = [greedy_reference(model, tok, p, {tok.eos_token_id}, 10) for p in PROMPTS]
+    assert generate(model, tok, PROMPTS, max_new_tokens=10, dtype="fp32") == \
+        [tok.decode(i, skip_special_tokens=True) for i in ids]
+    assert len(generate(model, tok, PROMPTS, max_new_tokens=10, dtype="bf16")) == len(PROMPTS)
+    out = tmp_path / "ev"
+    main(["eval", str(tiny["run"]), "--suite", "instruction_following", "--limit", "2", "--max-new-tokens", "4",
+          "--dtype", "bf16", "-o", str(out)])
+    assert json.loads((out / "eval.json").read_text())["settings"]["dtype"] == "bf16"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(tiny["run"]), "--suite", "instruction_following", "--dtype", "half"])
+    assert e.value.code == 1 and "--dtype 'half' is not a decoding precision" in capsys.readouterr().err
 
 
 def test_chat_loop_commands():

@@ -62,6 +62,18 @@ def _host_memory_gib() -> float:
         return 0.0
 
 
+def available_memory_gib() -> float:
+    """Memory the kernel can hand out now (``MemAvailable`` of /proc/meminfo), else the host's total."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return _host_memory_gib()
+
+
 def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

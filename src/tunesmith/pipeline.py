@@ -89,6 +89,8 @@ class CompareSpec(_Section):
     max_new_tokens: int = Field(64, gt=0, description="tokens generated per prompt")
     batch_size: int = Field(GENERATION_BATCH, gt=0, description="prompts per generation batch")
     limit: Optional[int] = Field(None, gt=0, description="first N prompts of each suite (quick runs)")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="decoding precision: auto = bf16 weights "
+                                                   "where the hardware has native bf16, else fp32")
 
 
 class ExportSpec(_Section):
@@ -554,7 +556,7 @@ class Pipeline:
         from tunesmith.evaluate.runner import EvalSettings
 
         settings = EvalSettings(lm_eval_include=tuple(include), lm_eval_fewshot=c.lm_eval.num_fewshot,
-                                lm_eval_chat_template=c.lm_eval.chat_template)
+                                lm_eval_chat_template=c.lm_eval.chat_template, dtype=c.dtype)
         result = compare_models([spec for _, spec in models], suites, max_new_tokens=c.max_new_tokens,
                                 batch_size=c.batch_size, limit=c.limit, labels=[label for label, _ in models],
                                 settings=settings)

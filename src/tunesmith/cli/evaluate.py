@@ -22,7 +22,7 @@ import typer
 from tunesmith import console
 from tunesmith.cli import app
 from tunesmith.errors import TunesmithError
-from tunesmith.infer import GENERATION_BATCH
+from tunesmith.infer import DTYPE_HELP, GENERATION_BATCH
 
 _MODELS = "models: run folders, exports, base model names/folders or adapter folders"
 _SUITE = ("instruction_following, refusal_harmful, refusal_benign, accuracy, loss, preference; NAME=FILE for your "
@@ -43,6 +43,7 @@ LM_EVAL_INCLUDE = typer.Option(None, "--lm-eval-include", help="a folder of lm-e
                                "lm-eval:TASK suites (repeatable)")
 LM_EVAL_FEWSHOT = typer.Option(None, "--lm-eval-fewshot", help="few-shot examples per lm-eval task (default: the "
                                "task's own)")
+DTYPE = typer.Option("auto", "--dtype", help=DTYPE_HELP)
 LM_EVAL_CHAT = typer.Option(False, "--lm-eval-chat-template", help="lm-eval prompts through the model's chat "
                             "template (the run's own)")
 
@@ -65,6 +66,9 @@ def _settings(max_new_tokens: int, batch_size: int, limit: int | None, temperatu
                              "--temperature ≥ 0, 0 < --top-p ≤ 1 and --max-length ≥ 8")
     if mc not in ("generate", "loglik"):
         raise TunesmithError(f"--mc {mc!r} is not a multiple-choice mode; use generate or loglik")
+    from tunesmith.cli.package import check_dtype
+
+    check_dtype(extra.get("dtype", "auto"))
     return EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, temperature=temperature,
                         top_p=top_p, seed=seed, max_length=max_length, mc=mc, progress=console.is_tty(), **extra)
 
@@ -93,6 +97,7 @@ def eval_(
     lm_eval_include: Optional[list[Path]] = LM_EVAL_INCLUDE,
     lm_eval_fewshot: Optional[int] = LM_EVAL_FEWSHOT,
     lm_eval_chat_template: bool = LM_EVAL_CHAT,
+    dtype: str = DTYPE,
 ) -> None:
     from tunesmith.evaluate.compare import metrics_table
     from tunesmith.evaluate.runner import run_eval
@@ -105,7 +110,7 @@ def eval_(
         raise TunesmithError(f"--method {method!r} is not a scoring method; use one of {', '.join(SCORERS)}")
     settings = _settings(max_new_tokens, batch_size, limit, temperature, top_p, seed, max_length, mc, method=method,
                          classifier=str(classifier) if classifier else None, classifier_threshold=classifier_threshold,
-                         **_harness(lm_eval_include, lm_eval_fewshot, lm_eval_chat_template))
+                         dtype=dtype, **_harness(lm_eval_include, lm_eval_fewshot, lm_eval_chat_template))
     specs = [(models[0], str(adapter))] if adapter is not None else models
     result, out = run_eval(specs, suite, settings, data, output)
     console.out.print(metrics_table(result))
@@ -132,12 +137,13 @@ def compare(
     lm_eval_include: Optional[list[Path]] = LM_EVAL_INCLUDE,
     lm_eval_fewshot: Optional[int] = LM_EVAL_FEWSHOT,
     lm_eval_chat_template: bool = LM_EVAL_CHAT,
+    dtype: str = DTYPE,
 ) -> None:
     from tunesmith.evaluate.compare import comparison_tables, compare_models
     from tunesmith.evaluate.report import build_report
     from tunesmith.evaluate.runner import write_results
 
-    settings = _settings(max_new_tokens, batch_size, limit, temperature, top_p, seed, max_length, mc,
+    settings = _settings(max_new_tokens, batch_size, limit, temperature, top_p, seed, max_length, mc, dtype=dtype,
                          **_harness(lm_eval_include, lm_eval_fewshot, lm_eval_chat_template))
     result = compare_models(models, prompts, max_new_tokens, batch_size, limit, settings=settings, data=data)
     out = write_results(result, output or Path("evals") / datetime.now().strftime("compare-%Y%m%d-%H%M%S"))

@@ -20,18 +20,31 @@ import typer
 
 from tunesmith import console
 from tunesmith.cli import app
-from tunesmith.infer import GENERATION_BATCH
+from tunesmith.infer import DTYPE_HELP, DTYPES, GENERATION_BATCH
 
 _MODEL_HELP = "an export folder, a run folder, a base model name/folder (with --adapter: the adapter's base)"
 
 
-def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
+def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int, dtype: str) -> dict:
     from tunesmith.errors import TunesmithError
 
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise TunesmithError("generation settings out of range: use --max-new-tokens ≥ 1, --temperature ≥ 0 "
                              "(0 = greedy) and 0 < --top-p ≤ 1")
-    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    check_dtype(dtype)
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, dtype=dtype)
+
+
+def check_dtype(dtype: str) -> str:
+    """--dtype, refused in one sentence unless it is one of infer.DTYPES."""
+    from tunesmith.errors import TunesmithError
+
+    if dtype not in DTYPES:
+        raise TunesmithError(f"--dtype {dtype!r} is not a decoding precision; use one of {', '.join(DTYPES)}")
+    return dtype
+
+
+DTYPE = typer.Option("auto", "--dtype", help=DTYPE_HELP)
 
 
 @app.command(help="Export a finished run as a PEFT adapter or merged weights, then verify it.")
@@ -75,12 +88,13 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (with temperature > 0)"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
     batch_size: int = typer.Option(GENERATION_BATCH, "--batch-size", help="prompts decoded together"),
+    dtype: str = DTYPE,
 ) -> None:
     from tunesmith.files import write_text_atomic
     from tunesmith.infer.generate import completion_record, generate, read_prompts
     from tunesmith.infer.load import load_for_inference
 
-    settings = _settings(max_new_tokens, temperature, top_p, seed)
+    settings = _settings(max_new_tokens, temperature, top_p, seed, dtype)
     records = read_prompts(prompts)  # refuse bad prompts before any weights load
     m, tok, info = load_for_inference(model, adapter)
     console.info(f"{info.describe}; {len(records)} prompts")
@@ -134,11 +148,12 @@ def chat(
     temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy"),
     top_p: float = typer.Option(0.9, "--top-p", help="nucleus sampling mass"),
     seed: int = typer.Option(0, "--seed", help="sampling seed (reply n uses seed + n)"),
+    dtype: str = DTYPE,
 ) -> None:
     from tunesmith.infer.generate import stream
     from tunesmith.infer.load import load_for_inference
 
-    settings = _settings(max_new_tokens, temperature, top_p, seed)
+    settings = _settings(max_new_tokens, temperature, top_p, seed, dtype)
     m, tok, info = load_for_inference(model, adapter)
     console.info(f"{info.describe}\n{CHAT_HELP}")
     turns = [0]

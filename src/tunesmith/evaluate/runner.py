@@ -77,6 +77,7 @@ class EvalSettings:
     lm_eval_include: tuple[str, ...] = ()  # folders of lm-eval task YAML (the lm-eval:TASK suites; harness.py)
     lm_eval_fewshot: int | None = None  # few-shot examples per lm-eval task; None: the task's own num_fewshot
     lm_eval_chat_template: bool = False  # lm-eval prompts through the model's (the run's) chat template
+    dtype: str = "auto"  # decoding precision (infer.DTYPES): auto = bf16 weights where the hardware has native bf16
     progress: bool = False  # progress bars on stderr
 
     def chat(self):
@@ -332,7 +333,7 @@ def run_suite(spec: SuiteSpec, subject: Subject, records: list[dict], settings: 
             texts = generate(subject.model, subject.tokenizer, [prompt_messages(records[i]) for i in todo],
                              max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                              top_p=settings.top_p, seed=settings.seed, batch_size=settings.batch_size,
-                             progress=settings.progress, chat=settings.chat())
+                             progress=settings.progress, chat=settings.chat(), dtype=settings.dtype)
             for i, text in zip(todo, texts):
                 responses[i] = text
         # a reasoning model's answer is scored, not its <think> trace (data.messages.split_reasoning)

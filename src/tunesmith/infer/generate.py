@@ -16,23 +16,19 @@ from tunesmith import console
 from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
 from tunesmith.data.tokenize import tokenize_prompt
 from tunesmith.infer import GENERATION_BATCH
+from tunesmith.infer.decode import decode, decoder_for, inference_dtype
 from tunesmith.models.adapters import merged_adapter
 from tunesmith.models.templates import stop_token_ids
 
 # ---------------------------------------------------------------- generation
 
 
-def _settings(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float):
-    """A complete GenerationConfig from our flags alone: a model's shipped sampling defaults
-    (top_k, repetition_penalty, ...) would otherwise change results behind the user's back.
-    Generation stops at the tokenizer's EOS and at any EOS the model's own config names."""
-    from transformers import GenerationConfig
-
-    eos = stop_token_ids(tokenizer, model.generation_config)
-    sample = temperature > 0
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
-                            temperature=temperature if sample else None, top_p=top_p if sample else None,
-                            top_k=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+def _settings(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, dtype: str) -> dict:
+    """decode()'s settings from our flags alone. Generation stops at the tokenizer's EOS and at
+    any EOS the model's own config names."""
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "stop_ids": stop_token_ids(tokenizer, model.generation_config), "pad_id": tokenizer.pad_token_id,
+            "dtype": inference_dtype(dtype)}
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +68,7 @@ class _Bar:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = GENERATION_BATCH,
-             progress: bool = False, chat: ChatOptions = DEFAULT_OPTIONS) -> list[str]:
+             progress: bool = False, chat: ChatOptions = DEFAULT_OPTIONS, dtype: str = "auto") -> list[str]:
     """One completion per prompt (a message list ending with a user turn), in input order.
 
     Prompts are rendered with the chat template and its generation prompt
@@ -83,20 +79,20 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     sampling with ``top_p`` draws from a torch generator seeded with ``seed`` (the
     caller's global RNG state is left as it was).
     """
-    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
+    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p, dtype)
     ids = [tokenize_prompt(p, tokenizer, chat=chat) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
     bar = _Bar(progress, len(ids), "generate")
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), merged_adapter(model):
             torch.manual_seed(seed)
+            decoder = decoder_for(model, config.pop("dtype"))  # one copy of the weights for every batch
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 input_ids, mask = _left_pad([ids[i] for i in batch], tokenizer.pad_token_id)
-                with merged_adapter(model):
-                    new = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-                texts = tokenizer.batch_decode(new[:, input_ids.shape[1]:], skip_special_tokens=True)
+                new = decoder.generate(input_ids, mask, **config)
+                texts = tokenizer.batch_decode(new, skip_special_tokens=True)
                 for i, text in zip(batch, texts):
                     out[i] = text
                 bar.advance(len(batch))
@@ -106,17 +102,18 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
 
 
 def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0, chat: ChatOptions = DEFAULT_OPTIONS) -> Iterator[str]:
+           top_p: float = 1.0, seed: int = 0, chat: ChatOptions = DEFAULT_OPTIONS, dtype: str = "auto"
+           ) -> Iterator[str]:
     """The reply to one conversation as text pieces, as they are decoded (for chat).
 
-    ``model.generate`` runs in a thread feeding a ``TextIteratorStreamer``; the pieces
-    joined equal ``generate(...)`` for the same settings.
+    Decoding runs in a thread feeding a ``TextIteratorStreamer``; the pieces joined equal
+    ``generate(...)`` for the same settings.
     """
     import threading
 
     from transformers import TextIteratorStreamer
 
-    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
+    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p, dtype)
     input_ids = torch.tensor([tokenize_prompt(messages, tokenizer, chat=chat)], dtype=torch.long)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
@@ -125,12 +122,13 @@ def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256,
         try:
             with torch.inference_mode(), torch.random.fork_rng(devices=[]), merged_adapter(model):
                 torch.manual_seed(seed)
-                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                               generation_config=config, streamer=streamer)
+                decode(model, input_ids, torch.ones_like(input_ids), on_token=streamer.put, **config)
         except BaseException as e:  # re-raised in the caller's thread below
             errors.append(e)
+        finally:
             streamer.end()
 
+    streamer.put(input_ids)  # the prompt, which skip_prompt drops
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     yield from streamer

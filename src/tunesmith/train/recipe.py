@@ -408,7 +408,8 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
         autocast = (lambda: torch.autocast(accelerator.device.type, dtype=dtype)) \
             if dtype != torch.float32 else contextlib.nullcontext
         precompute = ref_kind == "sequence" and cfg.preference.precompute_ref
-        ctx = BuildContext(cfg, tokenizer, model, refs.Reference(None if precompute else ref_model), autocast, out)
+        ctx = BuildContext(cfg, tokenizer, model, refs.Reference(None if precompute else ref_model), autocast, out,
+                           dtype)
         trainer = method.build(ctx)
         if precompute:
             note = precompute_reference(cfg, trainer, model, ref_model, data, out, accelerator, dtype, model_dir,

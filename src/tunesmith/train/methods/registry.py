@@ -45,6 +45,7 @@ class BuildContext:
     reference: Reference
     autocast: Callable
     out: Path
+    dtype: Any = None  # the compute dtype (torch.bfloat16 under bf16 autocast), None: fp32
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _build_grpo(ctx: BuildContext) -> Method:
                      num_generations=g.num_generations, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                      top_p=g.top_p, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
                      loss_type=g.loss_type, scale_rewards=g.scale_rewards, autocast=ctx.autocast,
-                     reference=ctx.reference, log_path=ctx.out / "completions.jsonl",
+                     reference=ctx.reference, sample_dtype=ctx.dtype, log_path=ctx.out / "completions.jsonl",
                      log_completions=g.log_completions, logging_steps=cfg.train.logging_steps)
 
 
