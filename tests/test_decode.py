@@ -243,3 +243,47 @@ def test_a_copy_that_would_not_fit_keeps_transformers_generate(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(decode(model, ids, mask, max_new_tokens=6, stop_ids=[1], pad_id=0),
                            _hf(model, ids, mask, 6, [1]))
+
+
+def test_a_sliding_window_in_reach_keeps_transformers_generate():
+    # Mistral slides on every layer whatever layer_types says; 11 prompt + 10 new tokens pass a window of 8
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                               sliding_window=8, layer_types=["full_attention"] * 2)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    engine = Decoder.build(model, torch.float32)
+    assert engine is not None and engine.sliding == 8
+    ids, mask = _prompts()
+    with torch.inference_mode():
+        assert torch.equal(engine.generate(ids, mask, max_new_tokens=10, stop_ids=[], pad_id=0),
+                           _hf(model, ids, mask, 10, None).clone())
+
+
+def test_merged_then_disabled_adapters_and_step_dependent_rope_are_refused():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       init_lora_weights=False))
+    model.merge_adapter()
+    with model.disable_adapter():  # PEFT's forward unmerges here; the base weights still hold the delta
+        assert Decoder.build(model, torch.float32) is None
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert Decoder.build(AutoModelForCausalLM.from_config(config), torch.float32) is None
+    assert "dynamic" in Decoder.why_not
+
+
+def test_the_fallback_ignores_a_models_shipped_generation_defaults():
+    """A shipped repetition_penalty / top_k must not change tunesmith's greedy output on either path."""
+    model = _model("llama")
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.top_k = 2
+    model.generation_config.no_repeat_ngram_size = 1
+    ids, mask = _prompts()
+    with torch.inference_mode():
+        fallback = TransformersDecode(model, torch.float32).generate(ids, mask, max_new_tokens=12, stop_ids=[1],
+                                                                     pad_id=0)
+        engine = Decoder.build(model, torch.float32).generate(ids, mask, max_new_tokens=12, stop_ids=[1], pad_id=0)
+    assert torch.equal(fallback, engine)

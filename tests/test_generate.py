@@ -161,7 +161,8 @@ def test_dtype_fp32_is_transformers_fp32_and_bf16_is_recorded(tiny, run_model, t
     out = tmp_path / "ev"
     main(["eval", str(tiny["run"]), "--suite", "instruction_following", "--limit", "2", "--max-new-tokens", "4",
           "--dtype", "bf16", "-o", str(out)])
-    assert json.loads((out / "eval.json").read_text())["settings"]["dtype"] == "bf16"
+    settings = json.loads((out / "eval.json").read_text())["settings"]
+    assert settings["dtype"] == "bf16" and settings["decoded_in"] == "bf16"
     with pytest.raises(SystemExit) as e:
         main(["eval", str(tiny["run"]), "--suite", "instruction_following", "--dtype", "half"])
     assert e.value.code == 1 and "--dtype 'half' is not a decoding precision" in capsys.readouterr().err

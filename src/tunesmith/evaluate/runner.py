@@ -425,13 +425,23 @@ def _named_metric(result: dict, spec: SuiteSpec, outcome: dict) -> None:
         info["higher_is_better"] = outcome["aggregate"].get("higher_is_better", info["higher_is_better"])
 
 
+def _decoded_in(dtype: str) -> str:
+    """The precision ``dtype`` (auto|fp32|bf16) decodes in on this machine: fp32 or bf16."""
+    import torch
+
+    from tunesmith.infer.decode import inference_dtype
+
+    return "bf16" if inference_dtype(dtype) == torch.bfloat16 else "fp32"
+
+
 def _new_result(pool: ModelPool, plan: list[tuple[SuiteSpec, list[dict]]], settings: EvalSettings) -> dict:
     from tunesmith import __version__
 
     gen = [(s, r) for s, r in plan if s.shows_outputs]
     return {
         "created": datetime.now().isoformat(timespec="seconds"), "tunesmith": __version__,
-        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
+        "settings": {**{k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
+                     "decoded_in": _decoded_in(settings.dtype)},
         "models": [m.info() for m in pool.members], "groups": pool.groups(),
         "suites": {s.name: {"description": s.description, "kind": s.kind, "metric": s.metric,
                             "higher_is_better": s.higher_is_better, "n": len(r)} for s, r in plan},

@@ -39,7 +39,8 @@ def _plain_linear(module) -> torch.nn.Module | None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if isinstance(module, BaseTunerLayer):
-        if not (module.merged or module.disable_adapters):
+        if module.merged == module.disable_adapters:
+            # live and unmerged; or merged yet disabled (PEFT's forward unmerges first there)
             return None
         module = module.get_base_layer()
     return module if type(module) is torch.nn.Linear else None
@@ -120,6 +121,7 @@ class Decoder:
         Not cached across calls: a PEFT merge or an adapter switch changes weights through
         ``.data``, which no version counter sees, so a copy is only good while the caller holds
         the model as it was (one ``generate`` call, one GRPO rollout)."""
+        cls.why_not = ""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = getattr(base, "config", None)
         reason = "not a transformers model (a wrapper?)" if config is None else \
@@ -264,6 +266,8 @@ def _sliding_window(config) -> int | None:
     window = getattr(config, "sliding_window", None)
     if not window:
         return None
+    if config.model_type == "mistral":  # every layer slides; Mistral ignores layer_types
+        return int(window)
     if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
         return None
     types = getattr(config, "layer_types", None)
@@ -289,6 +293,10 @@ def _unsupported(base, config) -> str:
         return f"architecture {config.model_type!r} (tunesmith's decoder covers {', '.join(sorted(SUPPORTED))})"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        # their frequencies follow each step's longest position; the engine computes rotary once
+        return f"rope type {rope.get('rope_type', rope.get('type'))!r}"
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         return "a quantized base"
     if next(base.parameters()).device.type != "cpu":
@@ -351,6 +359,8 @@ def decoder_for(model, dtype: torch.dtype) -> "Decoder | TransformersDecode":
     """What decodes ``model`` as it computes now (adapters merged or disabled): tunesmith's engine
     where it supports the model, else transformers' ``generate`` on the model's own weights (bf16
     through autocast). Build it once per batch of work: it copies the weights."""
+    if dtype == torch.float16:  # no fp32 residual here, as autocast would keep: fp16 could overflow
+        return TransformersDecode(model, dtype)
     return Decoder.build(model, dtype) or TransformersDecode(model, dtype)
 
 
@@ -384,7 +394,8 @@ class _Streamer:
 class TransformersDecode:
     """transformers' ``generate`` with a complete GenerationConfig from our flags alone (a model's
     shipped sampling defaults — top_k, repetition_penalty — would otherwise change results behind
-    the user's back)."""
+    the user's back). It computes in the model's own weights' dtype, under bf16 autocast where
+    bf16 is asked of fp32 weights (a bf16-loaded model is not upcast for ``fp32``)."""
 
     def __init__(self, model, dtype: torch.dtype):
         self.model, self.dtype = model, dtype
@@ -396,9 +407,12 @@ class TransformersDecode:
         from transformers import GenerationConfig
 
         sample = temperature > 0
+        # every processor named with its neutral value: transformers fills a field left None from
+        # the model's generation_config (Qwen's top_k=20, a shipped repetition_penalty, ...)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
-                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                  top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
+                                  temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0,
+                                  top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                  min_length=0, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
         first = next(self.model.parameters())
         cast = torch.autocast(first.device.type, dtype=self.dtype) \
             if self.dtype not in (first.dtype, torch.float32) else contextlib.nullcontext()

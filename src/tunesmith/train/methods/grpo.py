@@ -114,7 +114,7 @@ class GRPO(Method):
                                 temperature=self.temperature, top_p=self.top_p, stop_ids=self.stop_ids, pad_id=pad,
                                 dtype=self.sample_dtype)
         self.policy.train(was_training)
-        return ids, mask, completion.cpu()
+        return ids, mask, completion.cpu().clone()  # a plain tensor, not an inference-mode one
 
     def _completion_mask(self, completion: torch.Tensor) -> torch.Tensor:
         """1 up to and including the first end-of-turn token (it trains: it is the decision
