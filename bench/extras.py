@@ -91,7 +91,7 @@ def generation(model_name: str, new_tokens: dict[int, int], llama_cpp: bool = Tr
     """tokens/s of every decoder at each batch (``new_tokens``: batch -> new tokens per row), the
     whole call timed (prompt included) after a 2-token warm-up; plus llama.cpp on tunesmith's f16
     GGUF export of the same weights at batch 1 (``gguf_f16``)."""
-    from tunesmith.infer.generate import _left_pad as left_pad  # tunesmith generate's own padding
+    from tunesmith.infer.generate import left_pad  # tunesmith generate's own padding
     from tunesmith.models import load_tokenizer
 
     tok = load_tokenizer(model_name)

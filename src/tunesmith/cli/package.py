@@ -150,7 +150,7 @@ def chat(
     seed: int = typer.Option(0, "--seed", help="sampling seed (reply n uses seed + n)"),
     dtype: str = DTYPE,
 ) -> None:
-    from tunesmith.infer.generate import stream
+    from tunesmith.infer.generate import prepared, stream
     from tunesmith.infer.load import load_for_inference
 
     settings = _settings(max_new_tokens, temperature, top_p, seed, dtype)
@@ -160,11 +160,13 @@ def chat(
 
     def reply(messages: list[dict]) -> str:
         pieces = []
-        for piece in stream(m, tok, messages, chat=info.chat, **{**settings, "seed": seed + turns[0]}):
+        for piece in stream(m, tok, messages, chat=info.chat, decoder=decoder,
+                            **{**settings, "seed": seed + turns[0]}):
             console.out.print(piece, end="", markup=False, highlight=False)
             pieces.append(piece)
         console.out.print()
         turns[0] += 1
         return "".join(pieces)
 
-    chat_loop(reply, lambda: console.out.input("[bold]you>[/bold] "), system)
+    with prepared(m, dtype) as decoder:  # the weights copied once for the session, not once per reply
+        chat_loop(reply, lambda: console.out.input("[bold]you>[/bold] "), system)

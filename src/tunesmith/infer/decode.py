@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from tunesmith.infer import DTYPES  # kept in the package face: the CLI reads them without torch
+
 # model_type -> has q_norm/k_norm per head (Qwen3). Every one: RMSNorm, rotary, SiLU-gated MLP,
 # grouped-query attention with head_dim**-0.5 scaling.
 SUPPORTED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}
@@ -334,7 +336,6 @@ class Sample:
 
 # ---------------------------------------------------------------- the one entry point
 
-from tunesmith.infer import DTYPES  # noqa: E402 — the CLI reads them without torch
 
 
 def inference_dtype(requested: str) -> torch.dtype:

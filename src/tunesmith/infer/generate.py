@@ -7,6 +7,7 @@ same settings, the chat template the model was trained with, and a fixed seed.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
@@ -16,22 +17,30 @@ from tunesmith import console
 from tunesmith.data.render import DEFAULT_OPTIONS, ChatOptions
 from tunesmith.data.tokenize import tokenize_prompt
 from tunesmith.infer import GENERATION_BATCH
-from tunesmith.infer.decode import decode, decoder_for, inference_dtype
+from tunesmith.infer.decode import decoder_for, inference_dtype
 from tunesmith.models.adapters import merged_adapter
 from tunesmith.models.templates import stop_token_ids
 
 # ---------------------------------------------------------------- generation
 
 
-def _settings(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, dtype: str) -> dict:
-    """decode()'s settings from our flags alone. Generation stops at the tokenizer's EOS and at
+def _settings(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    """A decoder's settings from our flags alone. Generation stops at the tokenizer's EOS and at
     any EOS the model's own config names."""
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-            "stop_ids": stop_token_ids(tokenizer, model.generation_config), "pad_id": tokenizer.pad_token_id,
-            "dtype": inference_dtype(dtype)}
+            "stop_ids": stop_token_ids(tokenizer, model.generation_config), "pad_id": tokenizer.pad_token_id}
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+@contextlib.contextmanager
+def prepared(model, dtype: str = "auto"):
+    """The model's active adapter merged and its decoder built once (``infer.decode.decoder_for``:
+    a copy of the weights, ~1 s for SmolLM2), for every ``generate`` / ``stream`` call inside:
+    ``tunesmith chat`` holds one for the whole session instead of one per reply."""
+    with merged_adapter(model):
+        yield decoder_for(model, inference_dtype(dtype))
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding, so every prompt's last token sits at the same position and new tokens
     are appended right after it. Returns (input_ids, attention_mask), both [B, T] int64."""
     width = max(map(len, rows))
@@ -73,24 +82,24 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
 
     Prompts are rendered with the chat template and its generation prompt
     (``data.tokenize.tokenize_prompt``), sorted by length so a batch pads little, left
-    padded, and decoded with the KV cache (``model.generate``) until EOS or
-    ``max_new_tokens``. ``chat`` (``data.render.ChatOptions``): the template switches the
+    padded, and decoded by ``prepared(model, dtype)`` (tunesmith's decode loop for Llama-family
+    models, else transformers' ``generate``; ``dtype`` auto|fp32|bf16, auto = bf16 weights where
+    the hardware has native bf16) until EOS or ``max_new_tokens``. ``chat`` (``data.render.ChatOptions``): the template switches the
     model was trained with (e.g. ``enable_thinking``). ``temperature`` 0 is greedy and deterministic; otherwise
     sampling with ``top_p`` draws from a torch generator seeded with ``seed`` (the
     caller's global RNG state is left as it was).
     """
-    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p, dtype)
+    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
     ids = [tokenize_prompt(p, tokenizer, chat=chat) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
     bar = _Bar(progress, len(ids), "generate")
     try:
-        with torch.random.fork_rng(devices=[]), merged_adapter(model):
+        with torch.random.fork_rng(devices=[]), prepared(model, dtype) as decoder:  # one copy for every batch
             torch.manual_seed(seed)
-            decoder = decoder_for(model, config.pop("dtype"))  # one copy of the weights for every batch
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                input_ids, mask = _left_pad([ids[i] for i in batch], tokenizer.pad_token_id)
+                input_ids, mask = left_pad([ids[i] for i in batch], tokenizer.pad_token_id)
                 new = decoder.generate(input_ids, mask, **config)
                 texts = tokenizer.batch_decode(new, skip_special_tokens=True)
                 for i, text in zip(batch, texts):
@@ -102,27 +111,29 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
 
 
 def stream(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0, chat: ChatOptions = DEFAULT_OPTIONS, dtype: str = "auto"
-           ) -> Iterator[str]:
+           top_p: float = 1.0, seed: int = 0, chat: ChatOptions = DEFAULT_OPTIONS, dtype: str = "auto",
+           decoder=None) -> Iterator[str]:
     """The reply to one conversation as text pieces, as they are decoded (for chat).
 
     Decoding runs in a thread feeding a ``TextIteratorStreamer``; the pieces joined equal
-    ``generate(...)`` for the same settings.
+    ``generate(...)`` for the same settings. ``decoder``: one from ``prepared`` held by the
+    caller (else one is prepared for this reply, in ``dtype``).
     """
     import threading
 
     from transformers import TextIteratorStreamer
 
-    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p, dtype)
+    config = _settings(model, tokenizer, max_new_tokens, temperature, top_p)
     input_ids = torch.tensor([tokenize_prompt(messages, tokenizer, chat=chat)], dtype=torch.long)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            with torch.inference_mode(), torch.random.fork_rng(devices=[]), merged_adapter(model):
+            held = contextlib.nullcontext(decoder) if decoder is not None else prepared(model, dtype)
+            with torch.inference_mode(), torch.random.fork_rng(devices=[]), held as dec:
                 torch.manual_seed(seed)
-                decode(model, input_ids, torch.ones_like(input_ids), on_token=streamer.put, **config)
+                dec.generate(input_ids, torch.ones_like(input_ids), on_token=streamer.put, **config)
         except BaseException as e:  # re-raised in the caller's thread below
             errors.append(e)
         finally:

@@ -37,6 +37,7 @@ from tunesmith.data.schema import as_prompt
 from tunesmith.data.tokenize import IGNORE_INDEX, tokenize_record
 from tunesmith.errors import TunesmithError
 from tunesmith.infer.decode import decode
+from tunesmith.infer.generate import left_pad
 from tunesmith.models.adapters import merged_adapter
 from tunesmith.models.forward import TokenLogProbs
 from tunesmith.models.templates import stop_token_ids
@@ -97,12 +98,7 @@ class GRPO(Method):
         """(prompt ids (N,P) left-padded, prompt mask, completion ids (N,C) right-padded with
         pad), N = len(items) x G, rows of a group consecutive."""
         pad = self.tok.pad_token_id
-        P = max(len(it.input_ids) for it in items)
-        ids = torch.full((len(items), P), pad, dtype=torch.long)
-        mask = torch.zeros((len(items), P), dtype=torch.long)
-        for i, it in enumerate(items):
-            ids[i, P - len(it.input_ids):] = torch.tensor(it.input_ids)
-            mask[i, P - len(it.input_ids):] = 1
+        ids, mask = left_pad([it.input_ids for it in items], pad)
         ids, mask = ids.repeat_interleave(self.G, 0), mask.repeat_interleave(self.G, 0)
         device = next(self.policy.parameters()).device
         was_training = self.policy.training
