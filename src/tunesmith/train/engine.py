@@ -74,6 +74,7 @@ class LoopArgs:
     logging_steps: int = 1
     max_nonfinite: int = 5
     autocast_dtype: torch.dtype | None = None
+    head_chunk: int | None = None                    # trained tokens per LM-head chunk (the memory plan's)
     group_by_length: bool = True
     config: dict = field(default_factory=dict)       # resolved run config, saved with checkpoints
     inputs: dict = field(default_factory=dict)       # {name: sha256} of what training reads, checked on resume
@@ -367,7 +368,7 @@ def _set_up(model, method: Method, args: LoopArgs, plan: _Plan, accelerator) -> 
                                   eps=args.adam_epsilon, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, plan.warmup, plan.total))
     # The method's forward wrapper (log-probs of trained tokens by default; scores for a reward model).
-    module = accelerator.prepare_model(method.wrap(model))
+    module = accelerator.prepare_model(method.wrap(model, head_chunk=args.head_chunk))
     autocast = (lambda: torch.autocast(accelerator.device.type, dtype=args.autocast_dtype)) \
         if args.autocast_dtype not in (None, torch.float32) else contextlib.nullcontext
     return _Training(trainable, optimizer, scheduler, module, autocast)

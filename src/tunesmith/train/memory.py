@@ -6,7 +6,8 @@ fp32; attention via SDPA avoids the 5*a*s/h score term, kept anyway as a safe ma
 The LM head's logits (b*s*V fp32, plus the same again for log-softmax and its gradient)
 are added separately as an upper bound: at V=49,152, b=8, s=512 that is 3 x 0.8 GB, but
 models/forward.py runs the head on trained tokens only, so the real figure is that times
-the trained fraction.
+the trained fraction. With the head chunked (``HEAD_CHUNK`` tokens at a time) they are
+bounded by one chunk's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models.forward import HEAD_CHUNK
 
 
 @dataclass
@@ -23,6 +25,7 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     logits: int
+    head_chunk: int | None = None  # trained tokens per LM-head chunk (None: all at once)
 
     @property
     def total(self) -> int:
@@ -30,6 +33,7 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
+
 
     def lines(self) -> list[str]:
         g = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
@@ -39,7 +43,7 @@ class MemoryEstimate:
 
 def estimate(*, total_params: int, trainable_params: int, weight_bytes: float, act_bytes: int,
              layers: int, hidden: int, heads: int, vocab: int, batch: int, seq: int,
-             checkpointing: bool, ref_params: int = 0) -> MemoryEstimate:
+             checkpointing: bool, ref_params: int = 0, head_chunk: int | None = None) -> MemoryEstimate:
     """Bytes for weights (at ``weight_bytes`` per parameter: 4 fp32, 2 bf16, ~0.55 NF4;
     ``ref_params`` for a frozen reference model kept beside the policy),
     fp32 gradients and AdamW state (2 fp32 moments) of the trainable parameters, and
@@ -47,20 +51,25 @@ def estimate(*, total_params: int, trainable_params: int, weight_bytes: float, a
     per_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden) * act_bytes / 2
     # With checkpointing only each layer's input (s*b*h) is kept, plus one layer recomputed.
     acts = layers * seq * batch * hidden * act_bytes + per_layer if checkpointing else layers * per_layer
-    logits = 3 * batch * seq * vocab * 4
+    logits = 3 * min(batch * seq, head_chunk or batch * seq) * vocab * 4
     return MemoryEstimate(weights=int((total_params + ref_params) * weight_bytes), gradients=trainable_params * 4,
-                          optimizer=trainable_params * 8, activations=int(acts), logits=logits)
+                          optimizer=trainable_params * 8, activations=int(acts), logits=logits,
+                          head_chunk=head_chunk if head_chunk and head_chunk < batch * seq else None)
 
 
 def plan(*, checkpointing: bool | str, limit: int, full: bool, **sizes) -> tuple[MemoryEstimate, bool]:
     """(estimate of one training step, whether gradient checkpointing is on), refused in one
-    sentence when even that does not fit in ``limit`` bytes. ``checkpointing``: True,
-    False or "auto" (on only when it makes the step fit); ``sizes``: ``estimate``'s sizes."""
-    est = estimate(**sizes, checkpointing=False)
-    on = checkpointing is True or (checkpointing == "auto" and est.total > limit
-                                   and estimate(**sizes, checkpointing=True).total <= limit)
-    if on:
-        est = estimate(**sizes, checkpointing=True)
+    sentence when even the most frugal step does not fit in ``limit`` bytes. ``checkpointing``:
+    True, False or "auto"; ``sizes``: ``estimate``'s sizes. What saves memory is switched on
+    only as far as the step needs, cheapest first: the LM head in chunks (~5-10% of a step,
+    see models/forward.py), then gradient checkpointing (a second forward, ~30%). With
+    checkpointing on the head is always chunked: its logits are then most of the step."""
+    steps = {True: [(True, HEAD_CHUNK)], False: [(False, None), (False, HEAD_CHUNK)],
+             "auto": [(False, None), (False, HEAD_CHUNK), (True, HEAD_CHUNK)]}[checkpointing]
+    for on, chunk in steps:
+        est = estimate(**sizes, checkpointing=on, head_chunk=chunk)
+        if est.total <= limit:
+            break
     if est.total > limit:
         gib = lambda x: f"{x / 2**30:.1f} GiB"  # noqa: E731
         hint = ("use LoRA instead (remove `full: true`; a rank-8 adapter trains ~1% of the weights)"

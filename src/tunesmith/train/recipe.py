@@ -288,7 +288,8 @@ def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_
                  f"{' + DoRA' if lo and lo.dora else ''}{' (QLoRA 4-bit base)' if lo and lo.qlora else ''}")
     console.info(f"trainable {_count(trainable)} of {_count(total)} parameters, {100 * trainable / total:.2f}%")
     console.info("estimated memory: " + ", ".join(est.lines()) + f" (available {limit / 2**30:.1f} GiB)"
-                 + (" — gradient checkpointing on" if checkpointing else ""))
+                 + (" — gradient checkpointing on" if checkpointing else "")
+                 + (f", LM head in chunks of {est.head_chunk} tokens" if est.head_chunk else ""))
     console.info(f"dtype {str(dtype).removeprefix('torch.')}: {dtype_why}; threads {threads}; processes {world}")
     per_turn = data.formatting is not None and data.formatting.per_turn
     unit = "packs" if cfg.data.packing else "sequences" if per_turn else "records"
@@ -300,12 +301,12 @@ def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_
         console.info(f"chat template mode: {data.formatting.summary()}")
 
 
-def loop_args(cfg: RunConfig, dtype, force_resume: bool, inputs: dict) -> LoopArgs:
+def loop_args(cfg: RunConfig, dtype, force_resume: bool, inputs: dict, head_chunk: int | None = None) -> LoopArgs:
     """The engine's settings: every field it shares with the ``train:`` section, by name,
     plus what comes from elsewhere in the config."""
     shared = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(LoopArgs)
               if f.name in TrainConfig.model_fields}
-    return LoopArgs(**shared, output_dir=Path(cfg.output_dir), autocast_dtype=dtype,
+    return LoopArgs(**shared, output_dir=Path(cfg.output_dir), autocast_dtype=dtype, head_chunk=head_chunk,
                     group_by_length=cfg.data.group_by_length, config=cfg.to_dict(), inputs=inputs,
                     resume_ignore=RESUME_IGNORE, force_resume=force_resume)
 
@@ -419,7 +420,8 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
             ref_model = None  # the frozen model is freed
 
         # --- train, save, record
-        result = fit(model, trainer, data.train, data.eval, data.lengths, loop_args(cfg, dtype, force_resume, inputs),
+        args = loop_args(cfg, dtype, force_resume, inputs, head_chunk=plan[0].head_chunk)
+        result = fit(model, trainer, data.train, data.eval, data.lengths, args,
                      accelerator=accelerator, save_final=_final_writer(model, tokenizer, template_source),
                      resume=resume, processed_tokens=processed_tokens, on_start=tracked.start, log_to=tracked.log)
         manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype,
