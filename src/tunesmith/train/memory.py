@@ -34,7 +34,6 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
 
-
     def lines(self) -> list[str]:
         g = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
         return [f"weights {g(self.weights)}", f"gradients {g(self.gradients)}", f"optimizer {g(self.optimizer)}",
