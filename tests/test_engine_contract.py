@@ -13,9 +13,10 @@ from tunesmith.train.methods.base import Method
 
 
 class _Scale(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, head_chunk=None):
         super().__init__()
         self.model = model
+        assert head_chunk is None  # no memory plan here: the engine's default
 
     def forward(self, x):
         return self.model(x)

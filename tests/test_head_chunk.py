@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from test_train_sft import make_cfg, tiny_model_dir  # noqa: F401 (a fixture)
 from tiny import make_model, make_tokenizer
+from tunesmith.models import forward
 from tunesmith.models.forward import HEAD_CHUNK, SequenceLogProbs, TokenLogProbs
 from tunesmith.train import memory
 from tunesmith.train.recipe import run
@@ -26,7 +27,10 @@ def _batch(vocab: int, rows: int = 3, length: int = 17):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_chunked_head_equals_one_piece_in_values_and_gradients(lora):
+def test_chunked_head_equals_one_piece_in_values_and_gradients(lora, monkeypatch):
+    checkpointed = []
+    real = forward.checkpoint
+    monkeypatch.setattr(forward, "checkpoint", lambda fn, *a, **k: checkpointed.append(len(a[1])) or real(fn, *a, **k))
     tok = make_tokenizer()
     model = make_model(tok, seed=3)
     if lora:  # the head itself adapted too, so its chunked backward reaches adapter weights
@@ -42,6 +46,8 @@ def test_chunked_head_equals_one_piece_in_values_and_gradients(lora):
         results.append((logps.detach(), counts, grads))
     base_logps, base_counts, base_grads = results[0]
     assert base_counts.tolist() == [12, 7, 12] and len(base_grads) > 2
+    # 31 trained tokens: chunks of 5 (x6 + 1) and 7 (x4 + 3), each recomputed; 1000 is one piece
+    assert checkpointed == [5] * 6 + [1] + [7] * 4 + [3]
     for logps, counts, grads in results[1:]:
         assert torch.equal(counts, base_counts)
         torch.testing.assert_close(logps, base_logps, rtol=0, atol=1e-5)
@@ -88,10 +94,18 @@ def test_memory_plan_chunks_the_head_before_it_checkpoints():
 
 
 def test_a_run_with_its_head_chunked_trains_like_one_without(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
-    losses, manifests = {}, {}
+    losses, manifests, chunks = {}, {}, []
+    real = forward.head_logps
+
+    def spy(head, hidden, targets, chunk=None):
+        chunks.append((chunk, len(hidden)))
+        return real(head, hidden, targets, chunk)
+
+    monkeypatch.setattr(forward, "head_logps", spy)
     for name, checkpointing in (("whole", False), ("chunked", True)):
         if checkpointing:  # the tiny model's steps train ~100 tokens: chunks of 16 make several
             monkeypatch.setattr(memory, "HEAD_CHUNK", 16)
+            chunks.clear()
         (tmp_path / name).mkdir()
         cfg = make_cfg(tmp_path / name, tiny_model_dir, train__gradient_checkpointing=checkpointing,
                        train__max_steps=4, lora__dropout=0.0)
@@ -101,4 +115,31 @@ def test_a_run_with_its_head_chunked_trains_like_one_without(tmp_path, tiny_mode
     assert manifests["chunked"]["memory_estimate"]["head_chunk"] == 16
     assert manifests["whole"]["memory_estimate"]["head_chunk"] is None
     assert len(losses["whole"]) == 4
+    # the training module itself ran the head in chunks, on steps with more than one chunk
+    assert chunks and {c for c, _ in chunks} == {16} and max(n for _, n in chunks) > 16
     assert losses["chunked"] == pytest.approx(losses["whole"], abs=1e-5)
+
+
+def test_a_frozen_reference_gets_the_plans_chunks(tmp_path, monkeypatch):
+    """Full-FT DPO keeps a frozen copy as its reference; its no-grad pass runs while the step's
+    gradients and optimizer state are held, so it is chunked as the policy is."""
+    from test_train_preference import pref_cfg, write_pairs  # noqa: F401
+    from tiny import save_tiny_model
+    from tunesmith.config import load_config
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    seen = []
+    real = forward.head_logps
+
+    def spy(head, hidden, targets, chunk=None):
+        seen.append((torch.is_grad_enabled(), chunk))
+        return real(head, hidden, targets, chunk)
+
+    monkeypatch.setattr(forward, "head_logps", spy)
+    monkeypatch.setattr(memory, "HEAD_CHUNK", 16)
+    cfg = pref_cfg(tmp_path, model_dir, "dpo")
+    cfg = load_config(None, raw={**cfg.to_dict(), "full": True, "lora": None,
+                                 "train": {**cfg.train.model_dump(), "max_steps": 2, "eval_steps": 0,
+                                           "gradient_checkpointing": True}})
+    run(cfg)
+    assert {(False, 16), (True, 16)} <= set(seen) and {c for _, c in seen} == {16}

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 # them (train/memory.py: when the step would not fit otherwise, and whenever gradient
 # checkpointing is on, since the logits are then most of what a step holds). Unchunked, N trained
 # tokens hold three (N, V) fp32 buffers (logits, log-softmax, their gradient): at V = 49,152 and
-# 8 x 512 tokens, 3 x 0.6 GB. Chunked, each chunk's logits are recomputed in the backward (one more
+# 8 x 512 tokens three quarters trained, 3 x 0.6 GB. Chunked, each chunk's logits are recomputed in the backward (one more
 # (n, H) x (H, V) product per chunk, ~4% of a SmolLM2 LoRA step's FLOPs). Measured through
 # `tunesmith train` (SmolLM2, LoRA r=8, fp32, batch 8 x 512, 3 steps, per-step losses identical):
 # peak RSS 12.92 → 11.93 GiB, 82 → 75 tokens/s; with gradient checkpointing 9.86 → 6.50 GiB.

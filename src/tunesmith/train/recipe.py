@@ -397,6 +397,8 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
     ref_kind = method.reference(cfg)
     ref_model = build_reference(cfg, ref_kind, model, accelerator.device)
     plan = _plan_memory(cfg, method, model, ref_model, dtype, hw, world)
+    if ref_model is not None:  # its no-grad pass runs beside the step's memory: the same chunks
+        ref_model.head_chunk = plan[0].head_chunk
     if is_main:
         _report(cfg, data, model_dir, plan, dtype, dtype_why, threads, world, template_source)
         out.mkdir(parents=True, exist_ok=True)

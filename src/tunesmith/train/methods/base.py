@@ -26,7 +26,8 @@ from tunesmith.models.forward import SequenceLogProbs
 
 class Method:
     # The forward the engine trains through: (B, T) ids → what ``loss`` reads.
-    # Default: per-sequence log-probs of the trained tokens (models.forward).
+    # Default: per-sequence log-probs of the trained tokens (models.forward). Called as
+    # wrap(model, head_chunk=N or None): the memory plan's LM-head chunk size.
     wrap: type[torch.nn.Module] = SequenceLogProbs
 
     def collate(self, items: list) -> dict:
