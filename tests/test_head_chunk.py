@@ -123,7 +123,7 @@ def test_a_run_with_its_head_chunked_trains_like_one_without(tmp_path, tiny_mode
 def test_a_frozen_reference_gets_the_plans_chunks(tmp_path, monkeypatch):
     """Full-FT DPO keeps a frozen copy as its reference; its no-grad pass runs while the step's
     gradients and optimizer state are held, so it is chunked as the policy is."""
-    from test_train_preference import pref_cfg, write_pairs  # noqa: F401
+    from test_train_preference import pref_cfg
     from tiny import save_tiny_model
     from tunesmith.config import load_config
 

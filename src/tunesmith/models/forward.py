@@ -18,6 +18,8 @@ the forward goes through the wrapped module.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,8 +29,9 @@ from torch.utils.checkpoint import checkpoint
 # them (train/memory.py: when the step would not fit otherwise, and whenever gradient
 # checkpointing is on, since the logits are then most of what a step holds). Unchunked, N trained
 # tokens hold three (N, V) fp32 buffers (logits, log-softmax, their gradient): at V = 49,152 and
-# 8 x 512 tokens three quarters trained, 3 x 0.6 GB. Chunked, each chunk's logits are recomputed in the backward (one more
-# (n, H) x (H, V) product per chunk, ~4% of a SmolLM2 LoRA step's FLOPs). Measured through
+# 8 x 512 tokens three quarters trained, 3 x 0.6 GB. Chunked, each chunk's logits are recomputed
+# in the backward (one more (n, H) x (H, V) product per chunk, ~4% of a SmolLM2 LoRA step's
+# FLOPs). Measured through
 # `tunesmith train` (SmolLM2, LoRA r=8, fp32, batch 8 x 512, 3 steps, per-step losses identical):
 # peak RSS 12.92 → 11.93 GiB, 82 → 75 tokens/s; with gradient checkpointing 9.86 → 6.50 GiB.
 # So it is a memory lever, not on by default (bench/README.md, "Speed close to the hardware").
@@ -50,11 +53,8 @@ def head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chu
     n = hidden.shape[0]
     if chunk is None or n <= chunk:
         return _chunk_logps(head, hidden, targets)
-    if torch.is_grad_enabled():
-        def run(*a):
-            return checkpoint(_chunk_logps, *a, use_reentrant=False)
-    else:  # scoring and reference passes: nothing to recompute
-        run = _chunk_logps
+    # scoring and reference passes (no grad): nothing to recompute
+    run = partial(checkpoint, _chunk_logps, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logps
     return torch.cat([run(head, hidden[i:i + chunk], targets[i:i + chunk]) for i in range(0, n, chunk)])
 
 

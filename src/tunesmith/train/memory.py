@@ -50,10 +50,10 @@ def estimate(*, total_params: int, trainable_params: int, weight_bytes: float, a
     per_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden) * act_bytes / 2
     # With checkpointing only each layer's input (s*b*h) is kept, plus one layer recomputed.
     acts = layers * seq * batch * hidden * act_bytes + per_layer if checkpointing else layers * per_layer
-    logits = 3 * min(batch * seq, head_chunk or batch * seq) * vocab * 4
+    chunk = head_chunk if head_chunk and head_chunk < batch * seq else None  # fewer tokens: one piece
     return MemoryEstimate(weights=int((total_params + ref_params) * weight_bytes), gradients=trainable_params * 4,
-                          optimizer=trainable_params * 8, activations=int(acts), logits=logits,
-                          head_chunk=head_chunk if head_chunk and head_chunk < batch * seq else None)
+                          optimizer=trainable_params * 8, activations=int(acts),
+                          logits=3 * (chunk or batch * seq) * vocab * 4, head_chunk=chunk)
 
 
 def plan(*, checkpointing: bool | str, limit: int, full: bool, **sizes) -> tuple[MemoryEstimate, bool]:
