@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 TRL_BEST = ("trl-best", "trl-best-fp32")
-TUNESMITH = ("tunesmith", "tunesmith-fp32")
+TUNESMITH = ("tunesmith", "tunesmith-fp32", "tunesmith-compile")
 
 
 def _rate(rows: list[dict], workload: str, dataset: str, runners: tuple[str, ...], key="trained_tokens_per_s"):

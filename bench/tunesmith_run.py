@@ -4,7 +4,8 @@ The config is tunesmith's defaults except what every runner shares (model, data 
 batch, max length, steps, seed, threads) and no mid-run checkpoints or evals. Variants:
 ``tunesmith`` (train.dtype auto: bf16 autocast where the CPU has a native bf16 path),
 ``tunesmith-fp32`` (train.dtype fp32), ``tunesmith-precompute`` (DPO with
-preference.precompute_ref: true).
+preference.precompute_ref: true), ``tunesmith-compile`` (train.compile: on; its compile falls in
+the warm-up step).
 
 Tokens are counted at ``SequenceLogProbs.forward`` — the one forward every tunesmith
 method runs — wrapped for the duration of the run; tunesmith's own metrics.jsonl rates
@@ -28,7 +29,8 @@ def config(spec: Spec, out: Path) -> dict:
         "data": {"train": spec.data_file, "max_length": spec.max_length, "on_overflow": "drop"},
         "train": {"max_steps": spec.steps, "batch_size": spec.batch, "learning_rate": LEARNING_RATE[spec.workload],
                   "seed": spec.seed, "save_steps": 0, "eval_steps": 0, "logging_steps": 1,
-                  "dtype": "fp32" if spec.runner == "tunesmith-fp32" else "auto", "threads": spec.threads},
+                  "dtype": "fp32" if spec.runner == "tunesmith-fp32" else "auto", "threads": spec.threads,
+                  "compile": "on" if spec.runner == "tunesmith-compile" else "off"},
         "output_dir": str(out),
     }
     if spec.method == "dpo":

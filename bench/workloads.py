@@ -39,7 +39,7 @@ REAL_FILES = {"sft": SHARED / "alpaca_en_demo.json", "dpo": SHARED / "dpo_en_dem
 
 WORKLOADS = ("sft-lora", "sft-full", "dpo-lora")
 DATASETS = ("uniform", "real")
-RUNNERS = ("tunesmith", "tunesmith-fp32", "tunesmith-precompute", "trl-default", "trl-best", "trl-best-fp32",
+RUNNERS = ("tunesmith", "tunesmith-fp32", "tunesmith-precompute", "tunesmith-compile", "trl-default", "trl-best", "trl-best-fp32",
            "trl-best-precompute", "plain")
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
@@ -84,11 +84,13 @@ QUICK_REAL_MAX_LENGTH = {"sft": 128, "dpo": 256}  # 417 Alpaca records fit 128; 
 # and trl-best-fp32 run where the issue's targets need them: the MFU target against the fp32
 # matmul peak, and TRL "best" as the issue wrote it (bf16 off).
 DEFAULT_RUNNERS = {
-    ("sft-lora", "uniform"): ("tunesmith", "tunesmith-fp32", "trl-default", "trl-best", "trl-best-fp32", "plain"),
+    ("sft-lora", "uniform"): ("tunesmith", "tunesmith-fp32", "tunesmith-compile", "trl-default", "trl-best",
+                              "trl-best-fp32", "plain"),
     ("sft-lora", "real"): ("tunesmith", "trl-default", "trl-best", "plain"),
     ("sft-full", "uniform"): ("tunesmith", "trl-default", "trl-best", "plain"),
     ("sft-full", "real"): ("tunesmith", "trl-default", "trl-best", "plain"),
-    ("dpo-lora", "uniform"): ("tunesmith", "tunesmith-precompute", "trl-default", "trl-best", "plain"),
+    ("dpo-lora", "uniform"): ("tunesmith", "tunesmith-precompute", "tunesmith-compile", "trl-default", "trl-best",
+                              "plain"),
     ("dpo-lora", "real"): ("tunesmith", "tunesmith-precompute", "trl-default", "trl-best", "plain"),
 }
 DPO_ONLY = {"tunesmith-precompute", "trl-best-precompute"}

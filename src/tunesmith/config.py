@@ -87,9 +87,16 @@ class TrainConfig(_Section):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="compute dtype; auto = bf16 only where fast")
     gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
         "auto", description="recompute activations; auto = only when memory requires it")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the decoder layers; auto = where measured faster (SFT, bf16 on a CPU, long runs)")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads (>= 1); default = cores")
     max_nonfinite: int = Field(5, gt=0, description="stop after N consecutive non-finite losses/gradients")
     memory_limit_gib: Optional[float] = Field(None, description="memory budget for the fit check; default = device memory")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        return ("on" if v else "off") if isinstance(v, bool) else v  # YAML reads a bare on/off as a bool
 
 
 class PreferenceConfig(_Section):

@@ -36,6 +36,21 @@ def drop_mask(shape, p: float, device=None) -> torch.Tensor:
     return bits < round(p * _LEVELS)
 
 
+# The mask as an opaque custom op, so that under torch.compile (train.compile) the draw stays
+# ours while inductor fuses the fill and the scale into the layer around it: dynamo cannot trace
+# Tensor.random_ (a graph break at every adapted linear), and inductor's own CPU dropout measured
+# 10.6 ms against this draw's 3.5 ms on a 1024 x 1536 bf16 input. Tagged as a seeded random op,
+# so the compiled backward keeps the forward's mask instead of recomputing a different one.
+@torch.library.custom_op("tunesmith::drop_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    return drop_mask(x.shape, p, x.device)
+
+
+@_mask.register_fake
+def _(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device)
+
+
 class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p <= 0 or self.p >= 1 or x.device.type != "cpu":
@@ -43,7 +58,7 @@ class FastDropout(nn.Dropout):
         if x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
             x = x.to(torch.get_autocast_dtype("cpu"))
         # masked_fill: a bool mask multiplied in would first be cast to x's dtype (one more copy)
-        return x.masked_fill(drop_mask(x.shape, self.p, x.device), 0).mul_(1.0 / (1.0 - self.p))
+        return x.masked_fill(_mask(x, self.p), 0).mul_(1.0 / (1.0 - self.p))
 
 
 def use_fast_dropout(model: nn.Module) -> int:

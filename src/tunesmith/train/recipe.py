@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.files import FolderLock, atomic_dir, dumps, folder_hash, sha256_file, weights_hash, write_text_atomic
 from tunesmith.models import load_model, load_tokenizer, resolve_model
 from tunesmith.models.load import tokenizer_files
+from tunesmith.models import compile as compiling
 from tunesmith.models.adapters import attach_lora, check_qlora_supported, count_parameters, quantization_config
 from tunesmith.models.forward import SequenceLogProbs, TokenLogProbs
 from tunesmith.models.runs import finished_run, run_of, trained_base
@@ -40,7 +42,8 @@ from tunesmith.train.methods.registry import BuildContext, MethodRow, row
 
 # Keys that may change between a run and its --resume without altering training.
 RESUME_IGNORE = frozenset({"resume", "output_dir", "report_to", "train.save_steps", "train.save_total_limit",
-                           "train.eval_steps", "train.logging_steps", "train.threads", "data.eval"})
+                           "train.eval_steps", "train.logging_steps", "train.threads", "train.compile",
+                           "data.eval"})
 
 
 def _count(n: int) -> str:
@@ -301,6 +304,20 @@ def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_
         console.info(f"chat template mode: {data.formatting.summary()}")
 
 
+def _compile(cfg: RunConfig, model, n_items: int, device: str, dtype, world: int, is_main: bool) -> dict:
+    """``train.compile``: decide (and say why), compile the decoder layers in place; run.json's record."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    epochs = max(1, math.ceil(cfg.train.epochs * (n_items // per_step)))  # as the engine plans them
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else epochs
+    on, why = compiling.choose(cfg.train.compile, model=model, method=cfg.method, device=device, dtype=dtype,
+                               steps=steps, world=world)
+    layers = compiling.compile_layers(model) if on else 0
+    if is_main and on:
+        console.info(f"compile: {layers} decoder layers by torch.compile ({why}); the first step compiles them "
+                     f"(about 40 s on 2 cores the first time, seconds once cached in {compiling.cache_dir()})")
+    return {"layers": layers, "why": why}
+
+
 def loop_args(cfg: RunConfig, dtype, force_resume: bool, inputs: dict, head_chunk: int | None = None) -> LoopArgs:
     """The engine's settings: every field it shares with the ``train:`` section, by name,
     plus what comes from elsewhere in the config."""
@@ -322,7 +339,7 @@ def _final_writer(model, tokenizer, template_source: str):
 
 
 def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_source: str, plan, result, hw,
-              threads: int, world: int, dtype, started: float, data_hashes: dict, inputs: dict,
+              threads: int, world: int, dtype, started: float, data_hashes: dict, inputs: dict, compiled: dict,
               data_mode: dict | None = None) -> dict:
     """run.json: what was trained, on what, how, and how its outputs are to be scored."""
     est, checkpointing, _, trainable, total = plan
@@ -340,7 +357,7 @@ def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_sourc
         "hardware": {"device": hw.device, "name": hw.device_name, "threads": threads, "processes": world},
         "dtype": str(dtype).removeprefix("torch."),
         "trainable_parameters": trainable, "total_parameters": total, "memory_estimate": est.to_dict(),
-        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing": checkpointing, "compile": compiled,  # train.compile: layers compiled, why
         "peak_memory_bytes": result.peak_memory_bytes, "peak_memory_kind": result.peak_memory_kind,
         "step_memory_bytes": result.step_memory_bytes,
         "start_time": started, "end_time": time.time(), "steps": result.step,
@@ -401,6 +418,8 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
         ref_model.head_chunk = plan[0].head_chunk
     if is_main:
         _report(cfg, data, model_dir, plan, dtype, dtype_why, threads, world, template_source)
+    compiled = _compile(cfg, model, len(data.train), accelerator.device.type, dtype, world, is_main)
+    if is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", dump_yaml(cfg))
 
@@ -427,7 +446,7 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
                      accelerator=accelerator, save_final=_final_writer(model, tokenizer, template_source),
                      resume=resume, processed_tokens=processed_tokens, on_start=tracked.start, log_to=tracked.log)
         manifest = _manifest(cfg, method, model_dir, template_source, plan, result, hw, threads, world, dtype,
-                             started, data_hashes, inputs,
+                             started, data_hashes, inputs, compiled,
                              data.formatting.to_dict() if data.formatting is not None else None)
         if tracked.ids:
             manifest["trackers"] = tracked.ids  # also in OUTPUT_DIR/trackers.json
