@@ -13,13 +13,16 @@ What inductor writes (generated C++, compiled kernels, FX and AOT graphs) is kep
 ``$TUNESMITH_HOME/compile`` instead of ``/tmp``, so a later run of the same model pays dynamo's
 tracing and a cache lookup, not the compilation.
 
-Measured here (SmolLM2-135M, LoRA r=8 all-linear, dropout 0.05, bf16 autocast, batch 8 x
-112-136 tokens, 2-core AMD EPYC with AVX512-BF16, six steps each): eager 3.5-5.1 s a step,
-compiled 2.9-3.9 s (~1.25x); the first step 39 s cold, 12 s with the cache warm (eager 5 s).
-So ``auto`` compiles a run long enough to repay a cold compile several times over
-(``AUTO_MIN_STEPS``), in the configuration measured (SFT, bf16 autocast on a CPU, one process);
-``on`` compiles wherever asked. A run compiles each variant of a layer's call it meets once
-(gradients on or off, a padded batch's mask or none, the adapter on or off), each cached.
+Measured here (SmolLM2-135M, LoRA r=8 all-linear, bf16 autocast, batch 8 x 112-136 tokens,
+2-core AMD EPYC with AVX512-BF16, one process per row, steps 2-7): with LoRA dropout 0, eager
+3.85-4.85 s a step (mean 4.16), compiled 2.97-4.31 s (mean 3.52, 1.18x), the first step 41 s
+cold (eager 4.4 s); with dropout 0.05, no gain (mean 4.16 compiled against 4.09 eager): the
+seven masks a layer draws stay opaque to inductor and its fusion around them saves nothing. So
+``auto`` compiles what was measured to pay — LoRA SFT without dropout, DoRA, QLoRA or packing,
+bf16 autocast on a CPU, one process — for runs long enough to repay a cold compile about three
+times (``AUTO_MIN_STEPS``); ``on`` compiles wherever asked. A run compiles each variant of a
+layer's call it meets once (gradients on or off, a padded batch's mask or none, the adapter on
+or off), each cached.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 
-AUTO_MIN_STEPS = 200  # at ~0.8 s saved a step, 200 steps repay a 40 s cold compile four times
+AUTO_MIN_STEPS = 200  # at ~0.6 s saved a step, 200 steps repay a ~40 s cold compile three times
 
 
 def cache_dir():
@@ -48,10 +51,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
 
 
-def choose(setting, *, model, method: str, device: str, dtype, steps: int, world: int) -> tuple[bool, str]:
-    """(compile the layers?, why) for ``train.compile`` (auto, on or off); refuses what cannot be compiled."""
+def _cpp_compiler() -> str | None:
+    """The C++ compiler inductor's CPU code needs, or None when there is none."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler (no g++/clang++ on PATH)
+        return None
+
+
+def choose(setting, *, model, method: str, plain_lora: bool, device: str, dtype, steps: int,
+           world: int) -> tuple[bool, str]:
+    """(compile the layers?, why) for ``train.compile`` (auto, on or off); refuses what cannot be
+    compiled. ``plain_lora``: a LoRA adapter without dropout, DoRA, QLoRA or packing (what was
+    measured to pay)."""
     if setting == "off":
         return False, "off"
+    if device == "cpu" and _cpp_compiler() is None:
+        if setting == "on":
+            raise TunesmithError("train.compile: on needs a C++ compiler for inductor's CPU code and none was found: "
+                                 "install g++ (or set CXX), or set train.compile: off")
+        return False, "auto: off (no C++ compiler for inductor)"
     if decoder_layers(model) is None:
         if setting == "on":
             raise TunesmithError(f"train.compile: on needs a decoder with a list of layers; {type(model).__name__} "
@@ -66,15 +87,16 @@ def choose(setting, *, model, method: str, device: str, dtype, steps: int, world
         return True, "on"
     if device != "cpu" or dtype != torch.bfloat16:
         return False, "auto: off (measured faster for bf16 autocast on a CPU only; set on to compile here)"
-    if method != "sft":
-        # DPO measured 1.27x a step (median), but its reference pass is a second graph (no grad, the
+    if method != "sft" or not plain_lora:
+        # DPO measured 1.28x a step (median), but its reference pass is a second graph (no grad, the
         # adapter off): in bf16 it rounds apart from the policy's, so the implicit rewards do not
         # start at exactly 0, and each new variant (with or without padding) compiles mid-run.
-        return False, f"auto: off (measured to pay for SFT; set on to compile {method})"
+        what = method if method != "sft" else "this adapter, its dropout or packing"
+        return False, f"auto: off (measured to pay for LoRA SFT without dropout; set on to compile {what})"
     if steps < AUTO_MIN_STEPS:
-        return False, (f"auto: off ({steps} steps; compiling measured ~1.25x a step for ~40 s once, worth it from "
+        return False, (f"auto: off ({steps} steps; compiling measured ~1.18x a step for ~40 s once, worth it from "
                        f"{AUTO_MIN_STEPS} steps; set on to compile)")
-    return True, f"auto: {steps} steps >= {AUTO_MIN_STEPS}, measured ~1.25x a step here"
+    return True, f"auto: {steps} steps >= {AUTO_MIN_STEPS}, measured ~1.18x a step here"
 
 
 def compile_layers(model: nn.Module) -> int:

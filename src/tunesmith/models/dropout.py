@@ -20,6 +20,7 @@ Off the CPU (CUDA's dropout is a fused kernel) and outside training it is ``nn.D
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -39,39 +40,55 @@ def drop_mask(shape, p: float, device=None) -> torch.Tensor:
 # The mask as an opaque custom op, so that under torch.compile (train.compile) the draw stays
 # ours while inductor fuses the fill and the scale into the layer around it: dynamo cannot trace
 # Tensor.random_ (a graph break at every adapted linear), and inductor's own CPU dropout measured
-# 10.6 ms against this draw's 3.5 ms on a 1024 x 1536 bf16 input. Tagged as a seeded random op,
-# so the compiled backward keeps the forward's mask instead of recomputing a different one.
+# 10.6 ms against this draw's 3.5 ms on a 1024 x 1536 bf16 input. ``slot`` tells the calls on one
+# input apart (q/k/v share the layer's input, gate/up theirs): AOTAutograd's common-subexpression
+# pass merges identical calls of an op it does not know to be random, which would give them one
+# mask. It is the adapted linear's place in its layer (``use_fast_dropout``), the same in every
+# layer, so all layers still compile to one graph. The mask is saved for the backward, not
+# recomputed (custom ops are not on the partitioner's recompute list; under activation
+# checkpointing the tag makes the recomputation replay the same random state).
 @torch.library.custom_op("tunesmith::drop_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _mask(x: torch.Tensor, p: float) -> torch.Tensor:
+def _mask(x: torch.Tensor, p: float, slot: int) -> torch.Tensor:
+    return _draw(x, p, slot)
+
+
+def _draw(x: torch.Tensor, p: float, slot: int) -> torch.Tensor:
+    # Inductor may run the independent draws of one layer (q/k/v) in another order than eager
+    # does, so compiled masks are the same distribution, not the same bits (tests key them on slot)
     return drop_mask(x.shape, p, x.device)
 
 
 @_mask.register_fake
-def _(x: torch.Tensor, p: float) -> torch.Tensor:
+def _(x: torch.Tensor, p: float, slot: int) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
 class FastDropout(nn.Dropout):
+    def __init__(self, p: float = 0.5, inplace: bool = False, slot: int = 0):
+        super().__init__(p, inplace)
+        self.slot = slot  # this dropout's place in its layer (see _mask)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p <= 0 or self.p >= 1 or x.device.type != "cpu":
             return F.dropout(x, self.p, self.training, self.inplace)
         if x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
             x = x.to(torch.get_autocast_dtype("cpu"))
         # masked_fill: a bool mask multiplied in would first be cast to x's dtype (one more copy)
-        return x.masked_fill(_mask(x, self.p), 0).mul_(1.0 / (1.0 - self.p))
+        return x.masked_fill(_mask(x, self.p, self.slot), 0).mul_(1.0 / (1.0 - self.p))
 
 
 def use_fast_dropout(model: nn.Module) -> int:
     """Swap the ``nn.Dropout`` of every LoRA layer of a PEFT model for ``FastDropout``
     (same p); returns how many were swapped. Dropout has no weights: saved adapters and
     their configs are unchanged."""
-    swapped = 0
-    for module in model.modules():
+    swapped, slots = 0, {}
+    for path, module in model.named_modules():
         drops = getattr(module, "lora_dropout", None)
         if not isinstance(drops, nn.ModuleDict):
             continue
+        place = re.sub(r"\.\d+(?=\.|$)", ".#", path)  # layers.3.self_attn.q_proj → layers.#.self_attn.q_proj
         for name, drop in list(drops.items()):
             if type(drop) is nn.Dropout:
-                drops[name] = FastDropout(drop.p, drop.inplace)
+                drops[name] = FastDropout(drop.p, drop.inplace, slot=slots.setdefault((place, name), len(slots)))
                 swapped += 1
     return swapped

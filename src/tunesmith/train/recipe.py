@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -307,14 +308,17 @@ def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_
 def _compile(cfg: RunConfig, model, n_items: int, device: str, dtype, world: int, is_main: bool) -> dict:
     """``train.compile``: decide (and say why), compile the decoder layers in place; run.json's record."""
     per_step = cfg.train.batch_size * cfg.train.grad_accum * world
-    epochs = max(1, math.ceil(cfg.train.epochs * (n_items // per_step)))  # as the engine plans them
-    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else epochs
-    on, why = compiling.choose(cfg.train.compile, model=model, method=cfg.method, device=device, dtype=dtype,
-                               steps=steps, world=world)
+    planned = max(1, math.ceil(cfg.train.epochs * (n_items // per_step)))  # as the engine plans them
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else planned
+    lo = cfg.lora
+    plain_lora = lo is not None and lo.dropout == 0 and not lo.dora and not lo.qlora and not cfg.data.packing
+    on, why = compiling.choose(cfg.train.compile, model=model, method=cfg.method, plain_lora=plain_lora,
+                               device=device, dtype=dtype, steps=steps, world=world)
     layers = compiling.compile_layers(model) if on else 0
-    if is_main and on:
+    if is_main:
         console.info(f"compile: {layers} decoder layers by torch.compile ({why}); the first step compiles them "
-                     f"(about 40 s on 2 cores the first time, seconds once cached in {compiling.cache_dir()})")
+                     f"(about 40 s on 2 cores the first time, seconds once cached in "
+                     f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})" if on else f"compile: {why}")
     return {"layers": layers, "why": why}
 
 
