@@ -68,11 +68,6 @@ def choose(setting, *, model, method: str, plain_lora: bool, device: str, dtype,
     measured to pay)."""
     if setting == "off":
         return False, "off"
-    if device == "cpu" and _cpp_compiler() is None:
-        if setting == "on":
-            raise TunesmithError("train.compile: on needs a C++ compiler for inductor's CPU code and none was found: "
-                                 "install g++ (or set CXX), or set train.compile: off")
-        return False, "auto: off (no C++ compiler for inductor)"
     if decoder_layers(model) is None:
         if setting == "on":
             raise TunesmithError(f"train.compile: on needs a decoder with a list of layers; {type(model).__name__} "
@@ -83,6 +78,10 @@ def choose(setting, *, model, method: str, plain_lora: bool, device: str, dtype,
             raise TunesmithError(f"train.compile: on is not supported with {world} processes yet: set "
                                  "train.compile: off (or auto) for a multi-process run")
         return False, f"auto: off ({world} processes)"
+    # the C++ compiler is looked for only where the layers would compile, not at every start-up
+    if device == "cpu" and setting == "on" and _cpp_compiler() is None:
+        raise TunesmithError("train.compile: on needs a C++ compiler for inductor's CPU code and none was found: "
+                             "install g++ (or set CXX), or set train.compile: off")
     if setting == "on":
         return True, "on"
     if device != "cpu" or dtype != torch.bfloat16:
@@ -96,6 +95,8 @@ def choose(setting, *, model, method: str, plain_lora: bool, device: str, dtype,
     if steps < AUTO_MIN_STEPS:
         return False, (f"auto: off ({steps} steps; compiling measured ~1.18x a step for ~40 s once, worth it from "
                        f"{AUTO_MIN_STEPS} steps; set on to compile)")
+    if _cpp_compiler() is None:
+        return False, "auto: off (no C++ compiler for inductor)"
     return True, f"auto: {steps} steps >= {AUTO_MIN_STEPS}, measured ~1.18x a step here"
 
 
