@@ -64,6 +64,8 @@ def settings(spec: Spec, bf16_fast: bool, cuda: bool = False) -> dict:
         best.update(train_sampling_strategy="group_by_length", packing=False, padding_free=False)
     if spec.runner == "trl-best-precompute":
         best["precompute_ref_log_probs"] = True
+    if spec.runner == "trl-liger":  # bench/gpu_check.py: TRL's best with Liger's fused kernels
+        best["use_liger_kernel"] = True
     return best
 
 

@@ -5,7 +5,8 @@ batch, max length, steps, seed, threads) and no mid-run checkpoints or evals. Va
 ``tunesmith`` (train.dtype auto: bf16 autocast where the CPU has a native bf16 path),
 ``tunesmith-fp32`` (train.dtype fp32), ``tunesmith-precompute`` (DPO with
 preference.precompute_ref: true), ``tunesmith-compile`` (train.compile: on; its compile falls in
-the warm-up step).
+the warm-up step); for ``bench/gpu_check.py``: ``tunesmith-qlora`` (lora.qlora: true) and
+``tunesmith-fsdp2`` (train.distributed: fsdp2 in one process).
 
 Tokens are counted at ``SequenceLogProbs.forward`` — the one forward every tunesmith
 method runs — wrapped for the duration of the run; tunesmith's own metrics.jsonl rates
@@ -33,6 +34,10 @@ def config(spec: Spec, out: Path) -> dict:
                   "compile": "on" if spec.runner == "tunesmith-compile" else "off"},
         "output_dir": str(out),
     }
+    if spec.runner == "tunesmith-qlora":
+        raw["lora"]["qlora"] = True
+    if spec.runner == "tunesmith-fsdp2":  # one process: its own one-rank process group
+        raw["train"]["distributed"] = "fsdp2"
     if spec.method == "dpo":
         raw["preference"] = {"beta": DPO_BETA, "precompute_ref": spec.runner == "tunesmith-precompute"}
     return raw
@@ -68,6 +73,7 @@ def run(spec: Spec, rec: Recorder) -> dict:
     return {
         # train.gradient_checkpointing "auto": on only when the memory estimate exceeds RAM (never here)
         "dtype": manifest["dtype"], "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "distributed": manifest["distributed"]["strategy"],  # what was sharded, as run.json says
         "config": raw,
         "reported": {"tokens_per_second": mean("tokens_per_second"),
                      "trained_tokens_per_second": mean("trained_tokens_per_second"),

@@ -41,6 +41,7 @@ WORKLOADS = ("sft-lora", "sft-full", "dpo-lora")
 DATASETS = ("uniform", "real")
 RUNNERS = ("tunesmith", "tunesmith-fp32", "tunesmith-precompute", "tunesmith-compile", "trl-default", "trl-best", "trl-best-fp32",
            "trl-best-precompute", "plain")
+GPU_RUNNERS = ("tunesmith-qlora", "tunesmith-fsdp2", "trl-liger")  # bench/gpu_check.py only
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
 DPO_BETA = 0.1

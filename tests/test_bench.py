@@ -109,3 +109,32 @@ def test_speed_targets_from_generation_and_grpo_rows():
     assert "llama.cpp, tunesmith's f16 GGUF | 70.0 tok/s" in text and "sampling by tunesmith | 9.00 s" in text
     missing = {t["target"]: t for t in report.targets(rows, None, None, None)}
     assert missing["generation batch 1 vs llama.cpp f16 GGUF"]["pass"] is None
+
+
+def test_gpu_check_dry_run_runs_every_row_on_this_cpu():
+    """The GPU check's script as a GPU machine would run it, on a tiny model: every row that can
+    run on a CPU trains for real; the CUDA-only ones say why they were skipped."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--dry-run"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]  # stdout: JSON lines only
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, summary = {r["row"]: r for r in lines[:-1]}, lines[-1]["summary"]
+    assert len(rows) == 8 and summary["failed"] == [] and summary["dry_run"]
+    if not torch.cuda.is_available():
+        assert set(summary["skipped"]) == {"tunesmith sft-qlora", "trl-liger sft-lora"}
+        assert rows["tunesmith sft-qlora"]["skipped"] == "needs a CUDA GPU"
+    for name, r in rows.items():
+        if not r.get("skipped"):
+            assert r["ok"] and r["tokens_per_s"] > 0 and r["peak_gib"] > 0, (name, r)
+    assert rows["tunesmith sft-full fsdp2"]["distributed"] == "fsdp2"
+    assert rows["tunesmith sft-full"]["distributed"] == "none"
+    # a GPU run on a machine without one is one sentence, exit 2
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    if not torch.cuda.is_available():
+        assert proc.returncode == 2 and "no CUDA GPU here" in proc.stderr and proc.stdout == ""

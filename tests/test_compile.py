@@ -42,6 +42,9 @@ def test_choose_compiles_where_measured_and_says_why(monkeypatch):
     assert choose("auto", steps=10_000, **dict(long_run, world=2)) == (False, "auto: off (2 processes)")
     with pytest.raises(TunesmithError, match="2 processes"):
         choose("on", steps=10, **dict(long_run, world=2))
+    assert choose("auto", steps=10_000, sharded=True, **long_run) == (False, "auto: off (train.distributed: fsdp2)")
+    with pytest.raises(TunesmithError, match="not supported with train.distributed: fsdp2 yet"):
+        choose("on", steps=10, sharded=True, **long_run)
     with pytest.raises(TunesmithError, match="Linear has none"):
         choose("on", steps=10, **dict(long_run, model=nn.Linear(2, 2)))
     monkeypatch.setattr(compiling, "_cpp_compiler", lambda: None)  # a machine without g++

@@ -55,7 +55,7 @@ def test_fit_calls_the_method_contract_in_order(tmp_path):
     args = LoopArgs(output_dir=tmp_path, max_steps=2, batch_size=2, grad_accum=2, learning_rate=1e-2,
                     save_steps=0, eval_steps=0, group_by_length=False)
     result = fit(nn.Linear(1, 1), method, items, items[:2], [1] * len(items), args,
-                 accelerator=Accelerator(cpu=True), save_final=lambda path: None)
+                 accelerator=Accelerator(cpu=True), save_final=lambda path, state: None)
     assert result.step == 2
     train = [c for c in method.calls if c[0] == "rollout" and c[1] is not None]
     assert [c[1] for c in train] == [1, 1, 2, 2]  # 1-based step, every micro-batch

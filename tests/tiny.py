@@ -345,9 +345,10 @@ def make_tokenizer(template: str = "chatml") -> PreTrainedTokenizerFast:
 
 
 def make_model(
-    tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0, attn_implementation: str = "sdpa"
+    tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0, attn_implementation: str = "sdpa", tie: bool = False
 ) -> LlamaForCausalLM:
-    """A random fp32 LlamaForCausalLM: ``layers`` x ``hidden`` wide, 4 heads of 8, GQA 2 kv heads."""
+    """A random fp32 LlamaForCausalLM: ``layers`` x ``hidden`` wide, 4 heads of 8, GQA 2 kv heads;
+    ``tie``: the LM head shares the embedding matrix (as SmolLM2's does)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -359,7 +360,7 @@ def make_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         attn_implementation=attn_implementation,
     )
     with torch.random.fork_rng():

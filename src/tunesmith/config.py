@@ -89,6 +89,8 @@ class TrainConfig(_Section):
         "auto", description="recompute activations; auto = only when memory requires it")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the decoder layers; auto = where measured faster (SFT, bf16 on a CPU, long runs)")
+    distributed: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="several processes: ddp (whole copies) or fsdp2 (weights, gradients, optimizer sharded)")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads (>= 1); default = cores")
     max_nonfinite: int = Field(5, gt=0, description="stop after N consecutive non-finite losses/gradients")
     memory_limit_gib: Optional[float] = Field(None, description="memory budget for the fit check; default = device memory")

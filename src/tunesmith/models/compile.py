@@ -62,10 +62,10 @@ def _cpp_compiler() -> str | None:
 
 
 def choose(setting, *, model, method: str, plain_lora: bool, device: str, dtype, steps: int,
-           world: int) -> tuple[bool, str]:
+           world: int, sharded: bool = False) -> tuple[bool, str]:
     """(compile the layers?, why) for ``train.compile`` (auto, on or off); refuses what cannot be
     compiled. ``plain_lora``: a LoRA adapter without dropout, DoRA, QLoRA or packing (what was
-    measured to pay)."""
+    measured to pay); ``sharded``: FSDP2 will shard the layers (not measured compiled)."""
     if setting == "off":
         return False, "off"
     if decoder_layers(model) is None:
@@ -73,11 +73,12 @@ def choose(setting, *, model, method: str, plain_lora: bool, device: str, dtype,
             raise TunesmithError(f"train.compile: on needs a decoder with a list of layers; {type(model).__name__} "
                                  "has none: set train.compile: off")
         return False, "auto: off (the model has no list of decoder layers)"
-    if world > 1:
+    if world > 1 or sharded:
+        what = f"{world} processes" if world > 1 else "train.distributed: fsdp2"
         if setting == "on":
-            raise TunesmithError(f"train.compile: on is not supported with {world} processes yet: set "
-                                 "train.compile: off (or auto) for a multi-process run")
-        return False, f"auto: off ({world} processes)"
+            raise TunesmithError(f"train.compile: on is not supported with {what} yet: set "
+                                 "train.compile: off (or auto) for a multi-process or sharded run")
+        return False, f"auto: off ({what})"
     # the C++ compiler is looked for only where the layers would compile, not at every start-up
     if device == "cpu" and setting == "on" and _cpp_compiler() is None:
         raise TunesmithError("train.compile: on needs a C++ compiler for inductor's CPU code and none was found: "

@@ -42,17 +42,23 @@ class MemoryEstimate:
 
 def estimate(*, total_params: int, trainable_params: int, weight_bytes: float, act_bytes: int,
              layers: int, hidden: int, heads: int, vocab: int, batch: int, seq: int,
-             checkpointing: bool, ref_params: int = 0, head_chunk: int | None = None) -> MemoryEstimate:
-    """Bytes for weights (at ``weight_bytes`` per parameter: 4 fp32, 2 bf16, ~0.55 NF4;
-    ``ref_params`` for a frozen reference model kept beside the policy),
+             checkpointing: bool, ref_params: int = 0, head_chunk: int | None = None,
+             shards: int = 1) -> MemoryEstimate:
+    """Bytes one process holds for weights (at ``weight_bytes`` per parameter: 4 fp32, 2 bf16,
+    ~0.55 NF4; ``ref_params`` for a frozen reference model kept beside the policy),
     fp32 gradients and AdamW state (2 fp32 moments) of the trainable parameters, and
-    activations of one micro-batch of ``batch`` x ``seq`` tokens."""
+    activations of one micro-batch of ``batch`` x ``seq`` tokens. ``shards`` > 1 (FSDP2): each
+    process holds 1/shards of the policy's weights, gradients and moments, plus the root's
+    weights (embeddings and head, ~vocab x hidden; FSDP2 keeps the root gathered through the
+    step) and one layer's gathered while it runs; the reference (not sharded) stays whole."""
     per_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden) * act_bytes / 2
     # With checkpointing only each layer's input (s*b*h) is kept, plus one layer recomputed.
     acts = layers * seq * batch * hidden * act_bytes + per_layer if checkpointing else layers * per_layer
     chunk = head_chunk if head_chunk and head_chunk < batch * seq else None  # fewer tokens: one piece
-    return MemoryEstimate(weights=int((total_params + ref_params) * weight_bytes), gradients=trainable_params * 4,
-                          optimizer=trainable_params * 8, activations=int(acts),
+    gathered = vocab * hidden + total_params / layers if shards > 1 else 0
+    return MemoryEstimate(weights=int((total_params / shards + gathered + ref_params) * weight_bytes),
+                          gradients=trainable_params * 4 // shards, optimizer=trainable_params * 8 // shards,
+                          activations=int(acts),
                           logits=3 * (chunk or batch * seq) * vocab * 4, head_chunk=chunk)
 
 
@@ -76,6 +82,18 @@ def plan(*, checkpointing: bool | str, limit: int, full: bool, **sizes) -> tuple
         raise TunesmithError(f"the estimated memory of a training step, {gib(est.total)}, exceeds the "
                              f"{gib(limit)} available; {hint}")
     return est, on
+
+
+def per_process(total_params: int, trainable_params: int, weight_bytes: float, processes: int,
+                strategy: str) -> str:
+    """The start-up line comparing what one process holds under DDP and under FSDP2."""
+    unit, div = ("GiB", 2**30) if total_params * weight_bytes >= 2**30 else ("MiB", 2**20)
+    whole = (total_params * weight_bytes, trainable_params * 4, trainable_params * 8)
+    ddp = " + ".join(f"{x / div:.2f}" for x in whole)
+    fsdp = " + ".join(f"{x / processes / div:.2f}" for x in whole)
+    return (f"per process at {processes} process{'es' if processes > 1 else ''} (weights + gradients + optimizer, "
+            f"{unit}): DDP {ddp}, FSDP2 {fsdp} plus the root's and one layer's weights gathered (train.distributed: "
+            f"{strategy})")
 
 
 def budget(limit_gib: float | None, device: str, processes: int) -> int:

@@ -35,6 +35,7 @@ from tunesmith.models.forward import SequenceLogProbs, TokenLogProbs
 from tunesmith.models.runs import finished_run, run_of, trained_base
 from tunesmith.models.templates import ensure_chat_template
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import distributed
 from tunesmith.train import memory
 from tunesmith.train import trackers
 from tunesmith.train.engine import LoopArgs, fit
@@ -44,7 +45,7 @@ from tunesmith.train.methods.registry import BuildContext, MethodRow, row
 # Keys that may change between a run and its --resume without altering training.
 RESUME_IGNORE = frozenset({"resume", "output_dir", "report_to", "train.save_steps", "train.save_total_limit",
                            "train.eval_steps", "train.logging_steps", "train.threads", "train.compile",
-                           "data.eval"})
+                           "train.distributed", "data.eval"})
 
 
 def _count(n: int) -> str:
@@ -241,6 +242,7 @@ def _validate(cfg: RunConfig, out: Path, resume: bool) -> MethodRow:
             raise TunesmithError(f"data file {f} does not exist" + (" (it is a folder)" if Path(f).is_dir() else "")
                                  + "; check data.train / data.eval")
     trackers.check_installed(cfg.report_to)
+    distributed.check(cfg.train.distributed, cfg.method, cfg.lora is not None and cfg.lora.qlora)
     if out.exists() and not out.is_dir():
         raise TunesmithError(f"output_dir {out} is a file; give output_dir a folder path")
     if not resume and (out / "final").exists():
@@ -272,7 +274,8 @@ def _plan_memory(cfg: RunConfig, method: MethodRow, model, ref_model, dtype, hw,
                  act_bytes=2 if dtype != torch.float32 else 4, layers=mc.num_hidden_layers, hidden=mc.hidden_size,
                  heads=mc.num_attention_heads, vocab=mc.vocab_size, seq=cfg.data.max_length,
                  batch=cfg.train.batch_size * method.rows_per_item(cfg),
-                 ref_params=count_parameters(ref_model)[1] if ref_model is not None else 0)
+                 ref_params=count_parameters(ref_model)[1] if ref_model is not None else 0,
+                 shards=world if cfg.train.distributed == "fsdp2" else 1)
     limit = memory.budget(cfg.train.memory_limit_gib, hw.device, world)
     est, checkpointing = memory.plan(checkpointing=cfg.train.gradient_checkpointing, limit=limit,
                                      full=cfg.lora is None, **sizes)
@@ -295,6 +298,10 @@ def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_
                  + (" — gradient checkpointing on" if checkpointing else "")
                  + (f", LM head in chunks of {est.head_chunk} tokens" if est.head_chunk else ""))
     console.info(f"dtype {str(dtype).removeprefix('torch.')}: {dtype_why}; threads {threads}; processes {world}")
+    strategy = cfg.train.distributed if world > 1 or cfg.train.distributed == "fsdp2" else None
+    if strategy is not None:
+        quantized = cfg.lora is not None and cfg.lora.qlora
+        console.info(memory.per_process(total, trainable, 0.55 if quantized else 4, world, strategy))
     per_turn = data.formatting is not None and data.formatting.per_turn
     unit = "packs" if cfg.data.packing else "sequences" if per_turn else "records"
     console.info(f"data: {len(data.train)} {unit} train, "
@@ -313,7 +320,8 @@ def _compile(cfg: RunConfig, model, n_items: int, device: str, dtype, world: int
     lo = cfg.lora
     plain_lora = lo is not None and lo.dropout == 0 and not lo.dora and not lo.qlora and not cfg.data.packing
     on, why = compiling.choose(cfg.train.compile, model=model, method=cfg.method, plain_lora=plain_lora,
-                               device=device, dtype=dtype, steps=steps, world=world)
+                               device=device, dtype=dtype, steps=steps, world=world,
+                               sharded=cfg.train.distributed == "fsdp2")
     layers = compiling.compile_layers(model) if on else 0
     if is_main:
         console.info(f"compile: {layers} decoder layers by torch.compile ({why}); the first step compiles them "
@@ -333,9 +341,11 @@ def loop_args(cfg: RunConfig, dtype, force_resume: bool, inputs: dict, head_chun
 
 
 def _final_writer(model, tokenizer, template_source: str):
-    def save_final(final: Path) -> None:
+    def save_final(final: Path, state_dict: dict | None = None) -> None:
+        """``state_dict``: the whole weights, gathered, when training sharded them."""
         with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None else {}))
             tokenizer.save_pretrained(tmp)
             (tmp / "tunesmith_template.json").write_text(json.dumps(
                 {"chat_template_source": template_source, "chat_template": tokenizer.chat_template}))
@@ -362,6 +372,11 @@ def _manifest(cfg: RunConfig, method: MethodRow, model_dir: Path, template_sourc
         "dtype": str(dtype).removeprefix("torch."),
         "trainable_parameters": trainable, "total_parameters": total, "memory_estimate": est.to_dict(),
         "gradient_checkpointing": checkpointing, "compile": compiled,  # train.compile: layers compiled, why
+        # what was actually sharded, and what each process held and peaked at (by rank)
+        "distributed": {"strategy": ("fsdp2" if result.sharded_units else "ddp" if world > 1 else "none"),
+                        "processes": world, "sharded_units": result.sharded_units,
+                        "state_bytes_per_process": result.state_bytes_per_process,
+                        "peak_memory_bytes_per_process": result.peak_memory_per_process},
         "peak_memory_bytes": result.peak_memory_bytes, "peak_memory_kind": result.peak_memory_kind,
         "step_memory_bytes": result.step_memory_bytes,
         "start_time": started, "end_time": time.time(), "steps": result.step,
@@ -385,10 +400,15 @@ def run(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> 
     method = _validate(cfg, out, resume)  # --- before any weights load
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with FolderLock(out, "run folder") if accelerator.is_main_process else contextlib.nullcontext():
-        done = finished_run(out) if resume else None
+        # what rank 0 sees in the run folder decides, on every node: resume, or already finished
+        agreed = [resume, finished_run(out) if resume and accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast_object_list(agreed, src=0)
+        resume, done = agreed
         if done is not None:
-            console.info(f"{out} already finished ({done.get('steps')} steps, final/ written): nothing to resume; "
-                         f"it is left as it is")
+            if accelerator.is_main_process:
+                console.info(f"{out} already finished ({done.get('steps')} steps, final/ written): nothing to "
+                             f"resume; it is left as it is")
             return done
         return _train(cfg, method, accelerator, resume, force_resume)
 
