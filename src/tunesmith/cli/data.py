@@ -1,9 +1,10 @@
-"""``tunesmith data check|convert|inspect``: look at a dataset before training on it.
+"""``tunesmith data check|convert|inspect|curate``: look at a dataset before training on it, and clean it.
 
     tunesmith data check data/train.jsonl                       # formats, errors, duplicates
     tunesmith data check data/train.jsonl --max-length 1024     # + token lengths (default model)
     tunesmith data convert raw.json -o data/clean.jsonl --split 0.1
     tunesmith data inspect data/clean-train.jsonl --index 3     # which tokens train
+    tunesmith data curate a.json b.json -o clean.jsonl --eval eval.jsonl   # dedup, decontaminate, filter
 """
 
 from __future__ import annotations
@@ -218,3 +219,77 @@ def _sequences(rec: dict, tokenizer, max_length, special: str, chat, where: str)
     except SpecialTokenError as e:
         raise TunesmithError(f"{where}, {e.field}: {e.reason} (or pass --special-tokens-in-content text)") from None
     return shown, conv.mode if conv is not None else "append"
+
+
+def _builtin_suites() -> list[str]:
+    """tunesmith's own evaluation suites (their prompts must not be trained on either)."""
+    from importlib.resources import files
+
+    return sorted(str(p) for p in files("tunesmith.evaluate").joinpath("suites").iterdir() if p.name.endswith(".jsonl"))
+
+
+def _curate_config(path: Path | None, overrides: dict):
+    import dataclasses
+
+    import yaml
+
+    from tunesmith.data.curate import CurateConfig
+
+    raw = {}
+    if path is not None:
+        if not path.is_file():
+            raise TunesmithError(f"--config {path} does not exist; check the path")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise TunesmithError(f"--config {path} must be a YAML mapping of curate settings")
+    names = {f.name for f in dataclasses.fields(CurateConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise TunesmithError(f"--config {path}: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(names))}")
+    cfg = CurateConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
+    cfg.check()  # a wrong value or type: one sentence naming the setting
+    return cfg
+
+
+@app.command()
+def curate(
+    files: list[Path] = typer.Argument(..., help="Data files to curate together (one kind of record)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Curated canonical JSONL (OUT.jsonl); beside it "
+                                "OUT.removed.jsonl, OUT.report.json and OUT.report.html."),
+    eval_files: list[Path] = typer.Option([], "--eval", help="Evaluation files whose prompts and answers must not "
+                                          "leak into training (repeat for several)."),
+    config: Path = typer.Option(None, "--config", help="YAML of curate settings (see data/curate.py CurateConfig)."),
+    builtin_suites: bool = typer.Option(True, "--builtin-suites/--no-builtin-suites",
+                                        help="Also decontaminate against tunesmith's own eval suites."),
+    pii: str = typer.Option(None, "--pii", help="PII in kept records: flag (default), mask, remove or off."),
+    jaccard: float = typer.Option(None, "--jaccard", help="Near-duplicate threshold (default 0.8)."),
+    format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
+    columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+) -> None:
+    """Deduplicate (exact, near), decontaminate against eval files, filter empty, repetitive and
+    refusal responses and PII; every removed record lands in OUT.removed.jsonl with why."""
+    from tunesmith.data.curate import curate as run_curate
+
+    if output.suffix != ".jsonl":
+        raise TunesmithError(f"--output {output} must end in .jsonl (canonical JSON Lines)")
+    for p in (output, *(output.with_name(output.stem + s) for s in (".removed.jsonl", ".report.json",
+                                                                      ".report.html"))):
+        if p.exists() and not overwrite:
+            raise TunesmithError(f"{p} already exists; pass --overwrite to replace it")
+    cfg = _curate_config(config, {"pii": pii, "jaccard": jaccard})
+    result = run_curate([str(f) for f in files], output, eval_files=[str(p) for p in eval_files],
+                        suite_files=_builtin_suites() if builtin_suites else [], cfg=cfg, format=format,
+                        columns=_columns(columns))
+    rep = result.report
+    if as_json:
+        console.out.print(json.dumps(rep, ensure_ascii=False, indent=2), markup=False, highlight=False, emoji=False,
+                          soft_wrap=True)
+        return
+    rules = ", ".join(f"{k} {v}" for k, v in rep["removed_by_rule"].items() if v) or "nothing"
+    pii_note = {"flag": "carry PII (listed in the report)", "mask": "had PII, masked"}.get(cfg.pii)
+    console.info(f"kept {rep['kept']} of {rep['records']} records in {output}; removed {rep['removed']} ({rules})"
+                 + (f"; {rep['pii_flagged']} kept records {pii_note}" if pii_note else ""))
+    console.info(f"removed records with their evidence: {output.with_name(output.stem + '.removed.jsonl')}; "
+                 f"report: {output.with_name(output.stem + '.report.html')}")
