@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,35 @@ def test_bad_settings_are_one_sentence(tmp_path):
             curate([str(tmp_path / "d.json")], tmp_path / "o.jsonl", cfg=cfg)
     with pytest.raises(TunesmithError, match="is given twice"):
         curate([str(tmp_path / "d.json"), str(tmp_path / "d.json")], tmp_path / "o.jsonl")
+
+
+def test_split_is_stratified_by_source_and_truncation_counts_tokens(tmp_path):
+    from tiny import make_tokenizer
+
+    raw = json.loads((DEMO / "alpaca_en_demo.json").read_text())[:60]
+    (tmp_path / "a.json").write_text(json.dumps(raw))
+    ident = json.loads((DEMO / "identity.json").read_text())[:20]
+    (tmp_path / "b.json").write_text(json.dumps(ident))
+    result = curate([str(tmp_path / "a.json"), str(tmp_path / "b.json")], tmp_path / "o.jsonl",
+                    cfg=CurateConfig(split=0.25, near_duplicates=False, decontaminate=False))
+    split = result.report["split"]
+    sources = Counter(e.source for e in result.kept)
+    assert split["train"] + split["eval"] == len(result.kept)
+    for src, n in sources.items():  # each source holds out its own quarter
+        assert split["by_source"][src] == max(1, round(0.25 * n))
+    train = (tmp_path / "o-train.jsonl").read_text().splitlines()
+    held = (tmp_path / "o-eval.jsonl").read_text().splitlines()
+    assert len(train) == split["train"] and len(held) == split["eval"] and not set(train) & set(held)
+    again = curate([str(tmp_path / "a.json"), str(tmp_path / "b.json")], tmp_path / "p.jsonl",
+                   cfg=CurateConfig(split=0.25, near_duplicates=False, decontaminate=False))
+    assert (tmp_path / "p-eval.jsonl").read_text() == (tmp_path / "o-eval.jsonl").read_text()  # seeded
+
+    tok = make_tokenizer("chatml")
+    cut = curate([str(tmp_path / "a.json")], tmp_path / "t.jsonl", cfg=CurateConfig(max_length=120), tokenizer=tok)
+    long_ones = [r for r in cut.removed if r["rule"] == "truncated"]
+    assert long_ones and all(r["evidence"]["tokens"] > 120 for r in long_ones)
+    from tunesmith.data.curate import tokens_of
+
+    assert all(tokens_of(e.record, tok) <= 120 for e in cut.kept)
+    with pytest.raises(TunesmithError, match="max_length needs a tokenizer"):
+        curate([str(tmp_path / "a.json")], tmp_path / "u.jsonl", cfg=CurateConfig(max_length=120))

@@ -263,6 +263,12 @@ def curate(
                                         help="Also decontaminate against tunesmith's own eval suites."),
     pii: str = typer.Option(None, "--pii", help="PII in kept records: flag (default), mask, remove or off."),
     jaccard: float = typer.Option(None, "--jaccard", help="Near-duplicate threshold (default 0.8)."),
+    split: float = typer.Option(None, "--split", help="Fraction held out for evaluation, stratified by source "
+                                "(and KTO label): OUT-train.jsonl and OUT-eval.jsonl."),
+    model: str = typer.Option(None, "--model", help="With --max-length: the tokenizer and chat template to count "
+                              "tokens with."),
+    max_length: int = typer.Option(None, "--max-length", help="Remove records longer than this many tokens "
+                                   "(untruncated) under --model (default model when omitted)."),
     format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
     columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -274,14 +280,16 @@ def curate(
 
     if output.suffix != ".jsonl":
         raise TunesmithError(f"--output {output} must end in .jsonl (canonical JSON Lines)")
-    for p in (output, *(output.with_name(output.stem + s) for s in (".removed.jsonl", ".report.json",
-                                                                      ".report.html"))):
+    from tunesmith.data.curate import outputs
+
+    cfg = _curate_config(config, {"pii": pii, "jaccard": jaccard, "split": split, "max_length": max_length})
+    for p in outputs(output, cfg.split > 0).values():
         if p.exists() and not overwrite:
             raise TunesmithError(f"{p} already exists; pass --overwrite to replace it")
-    cfg = _curate_config(config, {"pii": pii, "jaccard": jaccard})
+    tokenizer = _tokenizer(model) if cfg.max_length else None
     result = run_curate([str(f) for f in files], output, eval_files=[str(p) for p in eval_files],
-                        suite_files=_builtin_suites() if builtin_suites else [], cfg=cfg, format=format,
-                        columns=_columns(columns))
+                        suite_files=_builtin_suites() if builtin_suites else [], cfg=cfg, tokenizer=tokenizer,
+                        format=format, columns=_columns(columns))
     rep = result.report
     if as_json:
         console.out.print(json.dumps(rep, ensure_ascii=False, indent=2), markup=False, highlight=False, emoji=False,
@@ -291,5 +299,8 @@ def curate(
     pii_note = {"flag": "carry PII (listed in the report)", "mask": "had PII, masked"}.get(cfg.pii)
     console.info(f"kept {rep['kept']} of {rep['records']} records in {output}; removed {rep['removed']} ({rules})"
                  + (f"; {rep['pii_flagged']} kept records {pii_note}" if pii_note else ""))
-    console.info(f"removed records with their evidence: {output.with_name(output.stem + '.removed.jsonl')}; "
-                 f"report: {output.with_name(output.stem + '.report.html')}")
+    paths = outputs(output, cfg.split > 0)
+    if cfg.split > 0:
+        console.info(f"split {rep['split']['train']} train → {paths['train']}, {rep['split']['eval']} eval → "
+                     f"{paths['eval']} (stratified by source)")
+    console.info(f"removed records with their evidence: {paths['removed']}; report: {paths['html']}")

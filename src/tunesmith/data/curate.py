@@ -47,7 +47,8 @@ from typing import Any, Iterable
 from tunesmith.data.schema import Record
 from tunesmith.errors import TunesmithError
 
-RULES = ("exact_duplicate", "near_duplicate", "contaminated", "empty_response", "repetitive", "refusal", "pii")
+RULES = ("exact_duplicate", "near_duplicate", "contaminated", "empty_response", "repetitive", "refusal", "truncated",
+         "pii")
 
 # Refusal boilerplate of assistant turns (lower-cased, matched as substrings).
 REFUSALS = ("as an ai language model", "as a language model, i", "as an ai, i", "i'm sorry, but i can't",
@@ -98,6 +99,9 @@ class CurateConfig:
     max_repetition: float = 0.5   # share of repeated word 3-grams in a response above which: repetitive
     refusals: bool = True         # remove refusal boilerplate from SFT targets and chosen responses
     pii: str = "flag"             # flag | mask | remove | off
+    max_length: int = 0           # with a tokenizer: a record longer (tokens, untruncated) is removed; 0 = off
+    split: float = 0.0            # fraction held out for evaluation, stratified by source (and KTO label)
+    seed: int = 0                 # of the split
 
     def check(self) -> None:
         for f in fields(self):
@@ -116,6 +120,9 @@ class CurateConfig:
             raise TunesmithError(f"curate: jaccard {self.jaccard} must be in (0, 1], e.g. 0.8")
         if self.ngram < 1 or self.min_eval_words < 1:
             raise TunesmithError("curate: ngram and min_eval_words must be at least 1 word")
+        if not 0 <= self.split < 1 or self.max_length < 0:
+            raise TunesmithError(f"curate: split {self.split} must be in [0, 1) and max_length {self.max_length} "
+                                 f">= 0 (0 = off)")
 
 
 @dataclass
@@ -392,8 +399,16 @@ def _contaminated(indexes: list[EvalIndex], rec: Record) -> dict | None:
     return next((h for index in indexes for h in map(index.hit, (prompt, *responses)) if h is not None), None)
 
 
+def tokens_of(rec: Record, tokenizer) -> int:
+    """The record's longest training sequence, untruncated, under the tokenizer's chat template."""
+    from tunesmith.data.tokenize import training_sequences
+
+    got = training_sequences(rec, tokenizer, max_length=None, special_tokens_in_content="text")
+    return max((len(ex.input_ids) for _, ex in got[0]), default=0) if got is not None else 0
+
+
 def apply_rules(entries: list[Entry], cfg: CurateConfig, evals: list[tuple[str, str]],
-                suites: list[tuple[str, str]] = ()) -> Result:
+                suites: list[tuple[str, str]] = (), tokenizer=None) -> Result:
     """Every rule in order over ``entries``; the kept ones keep their input order. A record
     joins the duplicate indexes only once it is kept, so a duplicate always names a kept one."""
     cfg.check()
@@ -419,6 +434,10 @@ def apply_rules(entries: list[Entry], cfg: CurateConfig, evals: list[tuple[str, 
         broken = quality(e.record, cfg)
         if broken is not None:
             _remove(result, e, *broken)
+            continue
+        n = tokens_of(e.record, tokenizer) if cfg.max_length and tokenizer is not None else 0
+        if n > cfg.max_length > 0:
+            _remove(result, e, "truncated", {"tokens": n, "max_length": cfg.max_length})
             continue
         found = pii_in(e.record) if cfg.pii != "off" else {}
         if found and cfg.pii == "remove":
@@ -473,10 +492,39 @@ def summary(entries: list[Entry], result: Result, cfg: CurateConfig, inputs: lis
     }
 
 
+def stratified_split(kept: list[Entry], fraction: float, seed: int) -> tuple[list[Entry], list[Entry]]:
+    """(train, eval): ``round(fraction * n)`` of each stratum — a source file, and for KTO its
+    label — held out (at least one of a stratum of two or more), seeded; input order kept."""
+    import random
+
+    strata: dict[tuple, list[int]] = {}
+    for i, e in enumerate(kept):
+        strata.setdefault((e.source, e.record.get("label")), []).append(i)
+    held: set[int] = set()
+    rnd = random.Random(seed)
+    for key in sorted(strata, key=str):
+        members = strata[key]
+        k = max(1, round(fraction * len(members))) if len(members) >= 2 else 0
+        held |= set(rnd.sample(members, k))
+    return [e for i, e in enumerate(kept) if i not in held], [e for i, e in enumerate(kept) if i in held]
+
+
+def outputs(out: str | Path, split: bool) -> dict[str, Path]:
+    """The files a curation writes for ``out``."""
+    out = Path(out)
+    side = {k: out.with_name(out.stem + s) for k, s in (("removed", ".removed.jsonl"), ("json", ".report.json"),
+                                                         ("html", ".report.html"))}
+    if split:
+        return {"train": out.with_name(f"{out.stem}-train{out.suffix}"),
+                "eval": out.with_name(f"{out.stem}-eval{out.suffix}"), **side}
+    return {"train": out, **side}
+
+
 def curate(inputs: list[str], out: str | Path, *, eval_files: list[str] = (), suite_files: list[str] = (),
-           cfg: CurateConfig | None = None, **read) -> Result:
-    """Curate ``inputs`` into ``out`` (canonical JSONL, atomic), ``OUT.removed.jsonl`` (every removed
-    record, why and the evidence), ``OUT.report.json`` and ``OUT.report.html``."""
+           cfg: CurateConfig | None = None, tokenizer=None, **read) -> Result:
+    """Curate ``inputs`` into ``out`` (canonical JSONL, atomic; with ``split``, OUT-train.jsonl and
+    OUT-eval.jsonl instead), ``OUT.removed.jsonl`` (every removed record, why and the evidence),
+    ``OUT.report.json`` and ``OUT.report.html``."""
     from tunesmith.data.curate_report import render_curation
     from tunesmith.data.validate import write_jsonl
     from tunesmith.files import write_text_atomic
@@ -490,11 +538,19 @@ def curate(inputs: list[str], out: str | Path, *, eval_files: list[str] = (), su
     if twice is not None:
         raise TunesmithError(f"curate: {twice} is given twice; give each input once")
     entries, _ = read_inputs(list(inputs), **read)
-    result = apply_rules(entries, cfg, eval_texts(list(eval_files)), eval_texts(list(suite_files)))
+    if cfg.max_length and tokenizer is None:
+        raise TunesmithError("curate: max_length needs a tokenizer; pass --model (the model you will train)")
+    result = apply_rules(entries, cfg, eval_texts(list(eval_files)), eval_texts(list(suite_files)), tokenizer)
     result.report = summary(entries, result, cfg, list(inputs), [*eval_files, *suite_files])
-    out = Path(out)
-    write_jsonl((e.record for e in result.kept), out)
-    write_jsonl(result.removed, out.with_name(out.stem + ".removed.jsonl"))
-    write_text_atomic(out.with_name(out.stem + ".report.json"), json.dumps(result.report, indent=1) + "\n")
-    write_text_atomic(out.with_name(out.stem + ".report.html"), render_curation(result.report))
+    paths = outputs(out, cfg.split > 0)
+    if cfg.split > 0:
+        train, held = stratified_split(result.kept, cfg.split, cfg.seed)
+        write_jsonl((e.record for e in held), paths["eval"])
+        result.report["split"] = {"train": len(train), "eval": len(held), "by_source": dict(Counter(e.source for e in held))}
+    else:
+        train = result.kept
+    write_jsonl((e.record for e in train), paths["train"])
+    write_jsonl(result.removed, paths["removed"])
+    write_text_atomic(paths["json"], json.dumps(result.report, indent=1) + "\n")
+    write_text_atomic(paths["html"], render_curation(result.report))
     return result
