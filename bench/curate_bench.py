@@ -60,7 +60,7 @@ def stage(data: str, ev: str, name: str) -> dict:
     from tunesmith.data import curate as c
 
     t = time.perf_counter()
-    entries, _ = c.read_inputs([data])
+    entries = c.read_inputs([data])
     read_s = time.perf_counter() - t
     out = {"row": name, "records": len(entries)}
     if name == "read":

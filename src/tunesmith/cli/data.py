@@ -223,9 +223,9 @@ def _sequences(rec: dict, tokenizer, max_length, special: str, chat, where: str)
 
 def _builtin_suites() -> list[str]:
     """tunesmith's own evaluation suites (their prompts must not be trained on either)."""
-    from importlib.resources import files
+    from tunesmith.evaluate.scoring import BUILTIN_SUITES, SUITE_DIR
 
-    return sorted(str(p) for p in files("tunesmith.evaluate").joinpath("suites").iterdir() if p.name.endswith(".jsonl"))
+    return [str(SUITE_DIR / f"{name}.jsonl") for name in BUILTIN_SUITES]
 
 
 def _curate_config(path: Path | None, overrides: dict):

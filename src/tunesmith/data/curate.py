@@ -326,9 +326,9 @@ def quality(rec: Record, cfg: CurateConfig) -> tuple[str, dict] | None:
 # ---------------------------------------------------------------- reading
 
 
-def read_inputs(paths: list[str], **read) -> tuple[list[Entry], str]:
-    """Every record of ``paths`` with its ``file:line``, and their one kind; any malformed
-    record refuses the whole curation (``data check`` names each)."""
+def read_inputs(paths: list[str], **read) -> list[Entry]:
+    """Every record of ``paths`` with its ``file:N``, all of one kind; any malformed record
+    refuses the whole curation (``data check`` names each)."""
     from tunesmith.data.validate import check_files, summarise
 
     report = check_files(paths, **read)
@@ -339,8 +339,7 @@ def read_inputs(paths: list[str], **read) -> tuple[list[Entry], str]:
         what = ", ".join(f"{f.file} holds {f.kind}" for f in report.files)
         raise TunesmithError(f"curate: the inputs hold records of different kinds ({what}); curate one kind at a "
                              f"time")
-    entries = [Entry(f"{f.file}:{line}", f.file, rec) for f in report.files for line, rec in f.entries]
-    return entries, next(iter(kinds), "sft")
+    return [Entry(f"{f.file}:{line}", f.file, rec) for f in report.files for line, rec in f.entries]
 
 
 def _strings(x: Any) -> Iterable[str]:
@@ -419,8 +418,8 @@ def apply_rules(entries: list[Entry], cfg: CurateConfig, evals: list[tuple[str, 
     for e in entries:
         if cfg.normalise:
             e = Entry(e.where, e.source, _map_text(e.record, normalise_text))
-        key = _exact_key(e.record)
-        if cfg.exact_duplicates and key in exact:
+        key = _exact_key(e.record) if cfg.exact_duplicates else None
+        if key in exact:
             _remove(result, e, "exact_duplicate", {"duplicate_of": exact[key]})
             continue
         hit, signature = near.query(_whole_text(e.record)) if near is not None else (None, None)
@@ -447,7 +446,8 @@ def apply_rules(entries: list[Entry], cfg: CurateConfig, evals: list[tuple[str, 
             result.flagged.append({"source": e.where, "pii": _counts(found), "masked": cfg.pii == "mask"})
             if cfg.pii == "mask":
                 e = Entry(e.where, e.source, mask_pii(e.record))
-        exact.setdefault(key, e.where)
+        if key is not None:
+            exact.setdefault(key, e.where)
         if near is not None:
             near.add(e.where, signature)
         result.kept.append(e)
@@ -534,12 +534,13 @@ def curate(inputs: list[str], out: str | Path, *, eval_files: list[str] = (), su
     for f in [*inputs, *eval_files]:
         if not Path(f).is_file():
             raise TunesmithError(f"curate: {f} does not exist; check the path")
-    twice = next((f for f in inputs if [Path(x).resolve() for x in inputs].count(Path(f).resolve()) > 1), None)
+    resolved = [Path(f).resolve() for f in inputs]
+    twice = next((f for f, r in zip(inputs, resolved) if resolved.count(r) > 1), None)
     if twice is not None:
         raise TunesmithError(f"curate: {twice} is given twice; give each input once")
-    entries, _ = read_inputs(list(inputs), **read)
     if cfg.max_length and tokenizer is None:
         raise TunesmithError("curate: max_length needs a tokenizer; pass --model (the model you will train)")
+    entries = read_inputs(list(inputs), **read)
     result = apply_rules(entries, cfg, eval_texts(list(eval_files)), eval_texts(list(suite_files)), tokenizer)
     result.report = summary(entries, result, cfg, list(inputs), [*eval_files, *suite_files])
     paths = outputs(out, cfg.split > 0)

@@ -34,7 +34,6 @@ def _before_after(title: str, pair: dict[str, dict[str, int]]) -> str:
 
 
 def render_curation(report: dict) -> str:
-    rules = {k: v for k, v in report["removed_by_rule"].items()}
     examples = "".join(
         f"<h3>{_e(rule)}</h3><table>" + "".join(
             f"<tr><td><code>{_e(x['source'])}</code></td><td><code>{_e(json.dumps(x['evidence'], ensure_ascii=False))}"
@@ -51,7 +50,7 @@ def render_curation(report: dict) -> str:
 line, rule and evidence); {report['pii_flagged']} kept records carry PII
 ({_e(report['config']['pii'])}).</p>
 <h2>Kept records with PII</h2><table id=pii>{pii or "<tr><td>none</td></tr>"}</table>
-<h2>Removed, by rule</h2><table id=rules>{_bars(rules)}</table>
+<h2>Removed, by rule</h2><table id=rules>{_bars(report["removed_by_rule"])}</table>
 <h2>Sources</h2><table id=sources><tr><th>file</th><th>before</th><th>after</th></tr>{sources}</table>
 {_before_after("Words per record", report["words"])}
 {_before_after("User turns per record", report["turns"])}

@@ -46,17 +46,19 @@ from torch import nn
 from tunesmith.errors import TunesmithError
 from tunesmith.train import checkpoint as ckpt
 
-STRATEGIES = ("ddp", "fsdp2")
+def _launched_with(engine: str) -> bool:
+    """Whether ``accelerate launch`` was given an FSDP or DEEPSPEED config (it says so in the
+    environment: ``ACCELERATE_USE_<ENGINE>``)."""
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true")
 
 
 def accelerate_asks_fsdp() -> bool:
-    """Whether ``accelerate launch`` was given an FSDP config (it says so in the environment)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    return _launched_with("FSDP")
 
 
 def check(strategy: str, method: str, qlora: bool) -> None:
     """The refusals that need no weights."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+    if _launched_with("DEEPSPEED"):
         # accelerate's prepare_model does not wrap a model in DeepSpeed (only prepare() with the
         # optimizer does), so under a DeepSpeed config nothing would be sharded
         raise TunesmithError("accelerate launch was given a DeepSpeed config, which tunesmith's training loop does "

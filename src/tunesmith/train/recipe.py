@@ -56,6 +56,11 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _qlora(cfg: RunConfig) -> bool:
+    """A LoRA run on a 4-bit base."""
+    return cfg.lora is not None and cfg.lora.qlora
+
+
 def _as_list(x) -> list[str]:
     return [] if x is None else [x] if isinstance(x, str) else list(x)
 
@@ -124,7 +129,7 @@ def load_init(model, init_from: str, task: str = "causal", trust_remote_code: bo
 def build_model(cfg: RunConfig, method: MethodRow, tokenizer, template_source: str, dtype, is_main: bool):
     """The policy: the base (4-bit for QLoRA), started from ``init_from``, the vocabulary
     grown for added template tokens, and the adapter attached."""
-    quantized = cfg.lora is not None and cfg.lora.qlora
+    quantized = _qlora(cfg)
     kwargs = {"quantization_config": quantization_config(dtype)} if quantized else {}
     model = load_model(cfg.model, dtype=torch.float32 if not quantized else dtype,
                        trust_remote_code=cfg.trust_remote_code, task=method.task, **kwargs)
@@ -235,14 +240,14 @@ def processed_tokens(batch: dict) -> tuple[int, int]:
 def _validate(cfg: RunConfig, out: Path, resume: bool) -> MethodRow:
     """Every refusal that needs no weights: the method's own, files, trackers, a finished run."""
     method = row(cfg)
-    if cfg.lora is not None and cfg.lora.qlora:
+    if _qlora(cfg):
         check_qlora_supported()
     for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval):
         if not Path(f).is_file():
             raise TunesmithError(f"data file {f} does not exist" + (" (it is a folder)" if Path(f).is_dir() else "")
                                  + "; check data.train / data.eval")
     trackers.check_installed(cfg.report_to)
-    distributed.check(cfg.train.distributed, cfg.method, cfg.lora is not None and cfg.lora.qlora)
+    distributed.check(cfg.train.distributed, cfg.method, _qlora(cfg))
     if out.exists() and not out.is_dir():
         raise TunesmithError(f"output_dir {out} is a file; give output_dir a folder path")
     if not resume and (out / "final").exists():
@@ -269,7 +274,7 @@ def _plan_memory(cfg: RunConfig, method: MethodRow, model, ref_model, dtype, hw,
     config asks or the step would not fit otherwise; refused when nothing fits."""
     trainable, total = count_parameters(model)
     mc = model.config
-    quantized = cfg.lora is not None and cfg.lora.qlora
+    quantized = _qlora(cfg)
     sizes = dict(total_params=total, trainable_params=trainable, weight_bytes=0.55 if quantized else 4,
                  act_bytes=2 if dtype != torch.float32 else 4, layers=mc.num_hidden_layers, hidden=mc.hidden_size,
                  heads=mc.num_attention_heads, vocab=mc.vocab_size, seq=cfg.data.max_length,
@@ -300,7 +305,7 @@ def _report(cfg: RunConfig, data: Prepared, model_dir: Path, plan, dtype, dtype_
     console.info(f"dtype {str(dtype).removeprefix('torch.')}: {dtype_why}; threads {threads}; processes {world}")
     strategy = cfg.train.distributed if world > 1 or cfg.train.distributed == "fsdp2" else None
     if strategy is not None:
-        quantized = cfg.lora is not None and cfg.lora.qlora
+        quantized = _qlora(cfg)
         console.info(memory.per_process(total, trainable, 0.55 if quantized else 4, world, strategy))
     per_turn = data.formatting is not None and data.formatting.per_turn
     unit = "packs" if cfg.data.packing else "sequences" if per_turn else "records"
