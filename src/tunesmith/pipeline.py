@@ -1,5 +1,5 @@
-"""A pipeline: named stages (data check → SFT → preference/RL → compare → export) run in
-order under one folder, each remembered by the hash of what went into it.
+"""A pipeline: named stages (data check / curate → SFT → preference/RL → compare → export) run
+in order under one folder, each remembered by the hash of what went into it.
 
     tunesmith run examples/pipeline-sft-dpo.yaml
 
@@ -9,11 +9,16 @@ output_dir: runs/sft-dpo
 model: smollm2-135m-instruct        # default for every train stage
 stages:
   - {name: data, check: [data/train.jsonl, data/prefs.jsonl]}
-  - {name: sft, train: {method: sft, data: {train: data/train.jsonl}, train: {max_steps: 40}}}
+  - {name: clean, curate: {inputs: [data/train.jsonl], eval: [data/eval.jsonl], settings: {split: 0.1}}}
+  - {name: sft, train: {method: sft, data: {train: clean, eval: clean}, train: {max_steps: 40}}}
   - {name: dpo, train: {method: dpo, init_from: sft, data: {train: data/prefs.jsonl}}}
   - {name: compare, compare: {models: [base, sft, dpo], suites: [instruction_following]}}
   - {name: export, export: {from: dpo, format: merged}}
 ```
+
+A curate stage runs ``tunesmith data curate`` (``settings``: its ``--config`` keys) into
+``OUTPUT_DIR/<stage>/<stage>.jsonl``; a train stage's ``data.train`` (or a mix entry's
+``path``) naming it reads that output, ``data.eval`` its held-out part (``settings.split``).
 
 A train stage is a run config (the same keys as ``tunesmith train``) whose
 ``output_dir`` is ``OUTPUT_DIR/<stage>``; ``init_from`` (and ``preference.ref_model``,
@@ -73,6 +78,7 @@ REPORT_FILES = ("report.html", "report.md")
 # .tmp-/.old- leftovers), another stage's .previous/.yaml, or a file the pipeline writes.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STAGE_KINDS = ("check", "curate", "train", "compare", "export")
 
 
 class LmEvalSpec(_Section):
@@ -109,9 +115,19 @@ class ExportSpec(_Section):
         return v
 
 
+class CurateSpec(_Section):
+    inputs: list[str] = Field(default_factory=list, description="data files to curate (or name them in settings.mix)")
+    eval: list[str] = Field(default_factory=list, description="eval files whose texts must not leak into training")
+    builtin_suites: bool = Field(True, description="decontaminate against tunesmith's own suites too")
+    settings: dict[str, Any] = Field(default_factory=dict, description="`tunesmith data curate --config` settings")
+    model: Optional[str] = Field(None, description="tokenizer for settings.max_length (default: the pipeline's model)")
+
+
 class StageSpec(_Section):
     name: str = Field(description="stage name; its folder is OUTPUT_DIR/NAME")
     check: Optional[list[str]] = Field(None, description="data files to validate")
+    curate: Optional[CurateSpec] = Field(None, description="data curate: its output is data.train (and, with "
+                                         "settings.split, data.eval) of the train stages that name the stage")
     train: Optional[dict[str, Any]] = Field(None, description="a run config (tunesmith train keys)")
     compare: Optional[CompareSpec] = None
     export: Optional[ExportSpec] = None
@@ -127,15 +143,15 @@ class StageSpec(_Section):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "StageSpec":
-        kinds = [k for k in ("check", "train", "compare", "export") if getattr(self, k) is not None]
+        kinds = [k for k in STAGE_KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"stage `{self.name}` must have exactly one of check, train, compare, export "
+            raise ValueError(f"stage `{self.name}` must have exactly one of check, curate, train, compare, export "
                              f"(it has {', '.join(kinds) or 'none'})")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("check", "train", "compare", "export") if getattr(self, k) is not None)
+        return next(k for k in STAGE_KINDS if getattr(self, k) is not None)
 
 
 class PipelineSpec(_Section):
@@ -298,15 +314,45 @@ class Pipeline:
         for key in ("train", "eval"):
             v = data.get(key)
             if v:
-                vals = [v] if isinstance(v, str) else v
-                resolved = [str(self._path(x)) for x in vals]
-                data[key] = resolved[0] if isinstance(v, str) else resolved
-                files += resolved
+                vals = [v] if isinstance(v, (str, dict)) else v
+                resolved = [self._data_ref(x, key, upstream, stage.name) for x in vals]
+                data[key] = resolved[0] if isinstance(v, (str, dict)) else resolved
+                files += [x["path"] if isinstance(x, dict) else x for x in resolved]
         model = raw["model"]
         if (self.base_dir / model).exists():
             raw["model"] = str(self.base_dir / model)
         load_config(None, raw=raw)  # validate now: a bad key fails before any stage runs
         return raw, upstream, files
+
+    def curated(self, name: str, part: str) -> Path | None:
+        """A curate stage's output file for data.train (its train part) or data.eval (its held-out
+        part, which settings.split makes); None when ``name`` is no curate stage."""
+        from tunesmith.data.curate import outputs
+
+        stage = next((s for s in self.spec.stages if s.name == name and s.kind == "curate"), None)
+        if stage is None:
+            return None
+        split = bool(stage.curate.settings.get("split"))
+        if part == "eval" and not split:
+            raise TunesmithError(f"data.eval names curate stage {name}, which holds nothing out; give it "
+                                 f"settings: {{split: 0.1}} or name an eval file")
+        return outputs(self.stage_dir(name) / f"{name}.jsonl", split)[part]
+
+    def _data_ref(self, value: Any, part: str, upstream: list[str], stage: str) -> Any:
+        """A data.train/data.eval entry: a curate stage's name → its output (an upstream input),
+        a path → resolved beside the pipeline; a {path, weight|count} entry likewise."""
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            return {**value, "path": self._data_ref(value["path"], part, upstream, stage)}
+        if not isinstance(value, str):
+            return value  # load_config names what is wrong with it
+        out = self.curated(value, part)
+        if out is None:
+            return str(self._path(value))
+        if [s.name for s in self.spec.stages].index(value) > [s.name for s in self.spec.stages].index(stage):
+            raise TunesmithError(f"stage {stage}: data.{part} names curate stage {value}, which comes after it; "
+                                 f"put the curate stage first")
+        upstream.append(value)
+        return str(out)
 
     def _key(self, stage: StageSpec, payload: Any, files: list[str], upstream: list[str]) -> str:
         missing = [f for f in files if not Path(f).is_file()]
@@ -326,6 +372,8 @@ class Pipeline:
             elif stage.kind == "compare":
                 for m in stage.compare.models:
                     self._stage_ref(m, [])
+            elif stage.kind == "curate":
+                self._curate_config(stage)
         self._validated = True
 
     @contextlib.contextmanager
@@ -452,6 +500,46 @@ class Pipeline:
         counts = {f.file: len(f.entries) for f in report.files}
         console.info(f"stage {stage.name}: data check ok — " + ", ".join(f"{Path(k).name} {v}" for k, v in counts.items()))
         self._finish(stage, key, t0, {"files": files}, key, {"records": counts})
+
+    def _curate_config(self, stage: StageSpec):
+        """The stage's CurateConfig, its mix paths resolved beside the pipeline."""
+        from tunesmith.data.curate import config_from
+
+        settings = dict(stage.curate.settings)
+        if isinstance(settings.get("mix"), list):
+            settings["mix"] = [{**m, "path": str(self._path(m["path"]))} if isinstance(m, dict) and
+                               isinstance(m.get("path"), str) else m for m in settings["mix"]]
+        return config_from(settings, f"stage {stage.name}: settings")
+
+    def _run_curate(self, stage: StageSpec) -> None:
+        from tunesmith.data.curate import curate, outputs
+        from tunesmith.evaluate.scoring import BUILTIN_SUITES, SUITE_DIR
+
+        c, cfg = stage.curate, self._curate_config(stage)
+        inputs, evals = [str(self._path(f)) for f in c.inputs], [str(self._path(f)) for f in c.eval]
+        suites = [str(SUITE_DIR / f"{name}.jsonl") for name in BUILTIN_SUITES] if c.builtin_suites else []
+        files = [*inputs, *(m["path"] for m in cfg.mix if isinstance(m, dict) and m.get("path") not in inputs), *evals]
+        key = self._key(stage, c.model_dump(), files, [])
+        paths = outputs(self.stage_dir(stage.name) / f"{stage.name}.jsonl", cfg.split > 0)
+        if self._skip_or_prepare(stage, key, all(p.exists() for p in paths.values())) == "skip":
+            self._skipped(stage, paths["train"])
+            return
+        t0 = time.time()
+        self._start(stage, key)
+        self.stage_dir(stage.name).mkdir(parents=True, exist_ok=True)
+        tokenizer = None
+        if cfg.max_length:
+            from tunesmith.models import load_tokenizer
+
+            tokenizer = load_tokenizer(c.model or self.spec.model)
+        result = curate(inputs, paths["train"].with_name(f"{stage.name}.jsonl"), eval_files=evals,
+                        suite_files=suites, cfg=cfg, tokenizer=tokenizer)
+        made = [paths[k] for k in ("train", "eval") if k in paths]
+        console.info(f"stage {stage.name}: kept {result.kept} of {result.report['records']} records → "
+                     f"{', '.join(map(str, made))}; why each removed one went: {paths['removed']}")
+        self.results[stage.name] = result.report
+        self._finish(stage, key, t0, {"inputs": inputs, "eval": evals}, _sha([sha256_file(p) for p in made]),
+                     {"outputs": [str(p) for p in made], "kept": result.kept, "removed": result.removed})
 
     def _run_train(self, stage: StageSpec) -> None:
         raw, upstream, files = self.train_config(stage)
@@ -602,8 +690,9 @@ def finish(spec: PipelineSpec, sections: Callable[[Pipeline], list[Section]] | N
         runs = [pipeline.stage_dir(s.name) for s in spec.stages if s.kind == "train"]
         comparison = next((pipeline.results[s.name] for s in spec.stages if s.kind == "compare"), None)
         if not runs and comparison is None:
-            checked = [s.name for s in spec.stages if s.kind == "check"]
-            console.info(f"pipeline {spec.name}: every data check passed ({', '.join(checked) or 'no stages'}); "
+            checked = [s.name for s in spec.stages if s.kind in ("check", "curate")]
+            what = "check passed" if all(s.kind == "check" for s in spec.stages) else "stage finished"
+            console.info(f"pipeline {spec.name}: every data {what} ({', '.join(checked) or 'no stages'}); "
                          f"no report, since it has no train or compare stage")
             return pipeline
         extra = sections(pipeline) if sections else []

@@ -229,11 +229,9 @@ def _builtin_suites() -> list[str]:
 
 
 def _curate_config(path: Path | None, overrides: dict):
-    import dataclasses
-
     import yaml
 
-    from tunesmith.data.curate import CurateConfig
+    from tunesmith.data.curate import config_from
 
     raw = {}
     if path is not None:
@@ -242,18 +240,14 @@ def _curate_config(path: Path | None, overrides: dict):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
             raise TunesmithError(f"--config {path} must be a YAML mapping of curate settings")
-    names = {f.name for f in dataclasses.fields(CurateConfig)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise TunesmithError(f"--config {path}: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(names))}")
-    cfg = CurateConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
-    cfg.check()  # a wrong value or type: one sentence naming the setting
-    return cfg
+    return config_from({**raw, **{k: v for k, v in overrides.items() if v is not None}}, f"--config {path}"
+                       if path is not None else "curate")
 
 
 @app.command()
 def curate(
-    files: list[Path] = typer.Argument(..., help="Data files to curate together (one kind of record)."),
+    files: list[Path] = typer.Argument(None, help="Data files to curate together (one kind of record); "
+                                       "or list them in the config's mix."),
     output: Path = typer.Option(..., "-o", "--output", help="Curated canonical JSONL (OUT.jsonl); beside it "
                                 "OUT.removed.jsonl, OUT.report.json and OUT.report.html."),
     eval_files: list[Path] = typer.Option([], "--eval", help="Evaluation files whose prompts and answers must not "
@@ -265,31 +259,38 @@ def curate(
     jaccard: float = typer.Option(None, "--jaccard", help="Near-duplicate threshold (default 0.8)."),
     split: float = typer.Option(None, "--split", help="Fraction held out for evaluation, stratified by source "
                                 "(and KTO label): OUT-train.jsonl and OUT-eval.jsonl."),
-    model: str = typer.Option(None, "--model", help="With --max-length: the tokenizer and chat template to count "
-                              "tokens with."),
+    model: str = typer.Option(None, "--model", help="The tokenizer and chat template to count tokens with: "
+                              "the report's token lengths, and --max-length."),
     max_length: int = typer.Option(None, "--max-length", help="Remove records longer than this many tokens "
                                    "(untruncated) under --model (default model when omitted)."),
+    languages: str = typer.Option(None, "--languages", help="Keep only records in these languages (ISO 639-1, "
+                                  "comma-separated, e.g. en,de); needs tunesmith[curate]."),
+    workers: int = typer.Option(None, "--workers", help="Processes analysing records (default: every core); "
+                                "the output does not depend on it."),
     format: str = typer.Option(None, "--format", help=_FORMAT_HELP),
     columns: str = typer.Option(None, "--columns", help=_COLUMNS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
     """Deduplicate (exact, near), decontaminate against eval files, filter empty, repetitive and
-    refusal responses and PII; every removed record lands in OUT.removed.jsonl with why."""
+    refusal responses, other languages, over-long records and PII; split and mix (the config's
+    mix: [{path, weight|count}]); every removed record lands in OUT.removed.jsonl with why."""
     from tunesmith.data.curate import curate as run_curate
 
     if output.suffix != ".jsonl":
         raise TunesmithError(f"--output {output} must end in .jsonl (canonical JSON Lines)")
     from tunesmith.data.curate import outputs
 
-    cfg = _curate_config(config, {"pii": pii, "jaccard": jaccard, "split": split, "max_length": max_length})
+    langs = [x.strip() for x in languages.split(",") if x.strip()] if languages else None
+    cfg = _curate_config(config, {"pii": pii, "jaccard": jaccard, "split": split, "max_length": max_length,
+                                  "languages": langs})
     for p in outputs(output, cfg.split > 0).values():
         if p.exists() and not overwrite:
             raise TunesmithError(f"{p} already exists; pass --overwrite to replace it")
-    tokenizer = _tokenizer(model) if cfg.max_length else None
-    result = run_curate([str(f) for f in files], output, eval_files=[str(p) for p in eval_files],
+    tokenizer = _tokenizer(model) if cfg.max_length or model else None  # token lengths in the report too
+    result = run_curate([str(f) for f in files or []], output, eval_files=[str(p) for p in eval_files],
                         suite_files=_builtin_suites() if builtin_suites else [], cfg=cfg, tokenizer=tokenizer,
-                        format=format, columns=_columns(columns))
+                        workers=workers, format=format, columns=_columns(columns))
     rep = result.report
     if as_json:
         console.out.print(json.dumps(rep, ensure_ascii=False, indent=2), markup=False, highlight=False, emoji=False,
@@ -297,10 +298,15 @@ def curate(
         return
     rules = ", ".join(f"{k} {v}" for k, v in rep["removed_by_rule"].items() if v) or "nothing"
     pii_note = {"flag": "carry PII (listed in the report)", "mask": "had PII, masked"}.get(cfg.pii)
-    console.info(f"kept {rep['kept']} of {rep['records']} records in {output}; removed {rep['removed']} ({rules})"
-                 + (f"; {rep['pii_flagged']} kept records {pii_note}" if pii_note else ""))
     paths = outputs(output, cfg.split > 0)
+    console.info(f"kept {rep['kept']} of {rep['records']} records; removed {rep['removed']} ({rules})"
+                 + (f"; {rep['pii_flagged']} kept records {pii_note}" if pii_note else ""))
+    if rep.get("mix"):
+        console.info("mixed: " + ", ".join(f"{Path(k).name} {v['kept']} → {v['out']} ({v['asked']})"
+                                           for k, v in rep["mix"].items()))
     if cfg.split > 0:
         console.info(f"split {rep['split']['train']} train → {paths['train']}, {rep['split']['eval']} eval → "
-                     f"{paths['eval']} (stratified by source)")
+                     f"{paths['eval']} (stratified by source; train checked against the held-out part)")
+    else:
+        console.info(f"curated records: {paths['train']}")
     console.info(f"removed records with their evidence: {paths['removed']}; report: {paths['html']}")

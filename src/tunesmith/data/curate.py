@@ -4,85 +4,72 @@ show what was removed and why.
     result = curate(["alpaca.json", "identity.json"], "clean.jsonl", eval_files=["eval.jsonl"])
     result.kept, result.removed, result.report                       # counts, examples, histograms
 
-Rules, in this order, each switchable in ``CurateConfig``:
+Rules, in this order, each switchable in ``CurateConfig`` (``data.curate_rules`` measures them):
 
-1. normalise: Unicode NFC, non-breaking and zero-width spaces, runs of spaces and blank lines;
+1. normalise: Unicode NFC, non-breaking and zero-width spaces, trailing spaces, blank-line runs;
 2. exact duplicates: the same record after normalisation (``meta`` ignored), across all inputs;
 3. near duplicates: MinHash + LSH (``datasketch``) on word 3-grams of the record's whole
    text, Jaccard ≥ ``jaccard`` (0.8); the first kept occurrence stays, the later one names it;
 4. contamination: a record whose prompt or response shares a word ``ngram``-gram (13, as the
    GPT-3 and Llama papers count) with any eval text — an eval text shorter than that counts
    when it appears whole (``min_eval_words`` words or more; tunesmith's own suites count by
-   n-grams only);
+   n-grams only); with ``split``, the train part is checked against the held-out part the same way;
 5. quality, on what trains (SFT assistant turns, chosen, desirable completions, text; a turn
    that only calls a tool is no response): empty responses (fewer than ``min_response_words``
-   words), repetitive responses
-   (share of repeated word 3-grams above ``max_repetition``), refusal boilerplate in SFT targets
-   and chosen responses ("As an AI language model…"), PII (e-mail addresses, phone numbers,
-   API keys: ``flag`` keeps and lists them, ``mask`` replaces them, ``remove`` drops them).
+   words), repetitive responses (share of repeated word 3-grams above ``max_repetition``),
+   refusal boilerplate in SFT targets and chosen responses ("As an AI language model…"),
+   a language outside ``languages`` (lingua; off unless set), more than ``max_length`` tokens
+   under the model's chat template (with a tokenizer), PII (e-mail addresses, phone numbers,
+   API keys, in texts and tool-call arguments: ``flag`` keeps and lists them, ``mask``
+   replaces them, ``remove`` drops them).
+
+Then the kept records are split (``split``: held out per source and KTO label) and mixed
+(``mix``: weights or counts per source, ``data.mix``), both seeded.
 
 Nothing is lost: every removed record goes to ``OUT.removed.jsonl`` with its source
-``file:N`` (N: the line of a JSONL or CSV file, the 0-based record of a JSON or Parquet one), the rule and the evidence (the record it duplicates and the estimated Jaccard,
-the eval item and the shared n-gram, the measured ratio, the phrase, or how many of each PII
+``file:N`` (N: the line of a JSONL or CSV file, the 0-based record of a JSON or Parquet one),
+the rule and the evidence (the record it duplicates and the estimated Jaccard, the eval item
+and the shared n-gram, the measured ratio, the phrase, the language, or how many of each PII
 kind — counts, not the values, in the evidence and the reports).
+
+Streaming: inputs are read record by record (``data.readers``), analysed in chunks by
+``workers`` processes (all cores by default; fork, so the eval index and the tokenizer are
+shared, not copied in), and decided in input order here; kept records stream to disk. Memory
+holds the duplicate indexes (8 bytes of exact key, the LSH bands and a 512-byte signature per
+kept record), a few chunks in flight, and 2-4 small integers per kept record for the split and
+the mix — not the records.
 
 Why MinHash through ``datasketch`` and our own n-gram index: MinHash + LSH is the standard
 near-duplicate method (datatrove, the Pile, Gopher) and datasketch is its well-kept
-implementation; the exact n-gram overlap of decontamination is a set lookup per window, which
-a hash set does directly.
+implementation; the exact n-gram overlap of decontamination is a sorted-array lookup per
+window, which numpy does directly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-import unicodedata
-import zlib
-from collections import Counter
+import os
+from array import array
+from collections import Counter, deque
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import numpy as np
+
+from tunesmith.data import mix as mixing
+from tunesmith.data.curate_report import Counts, summary
+from tunesmith.data.curate_rules import Analyser, EvalIndex, Facts, Grams, prompt_and_responses
 from tunesmith.data.schema import Record
 from tunesmith.errors import TunesmithError
+from tunesmith.files import LineWriter, write_text_atomic
 
-RULES = ("exact_duplicate", "near_duplicate", "contaminated", "empty_response", "repetitive", "refusal", "truncated",
-         "pii")
-
-# Refusal boilerplate of assistant turns (lower-cased, matched as substrings).
-REFUSALS = ("as an ai language model", "as a language model, i", "as an ai, i", "i'm sorry, but i can't",
-            "i am sorry, but i cannot", "i cannot assist with", "i can't assist with", "i'm not able to help with",
-            "i am unable to help with", "i cannot help with that", "i can't help with that")
-_REFUSAL = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, REFUSALS)) + r")(?!\w)")
-
-PII = {
-    "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[a-zA-Z]{2,}\b"),
-    # candidates; _is_phone keeps 8-15 digits in groups ending with 3+ digits (not a date or a sum)
-    "phone": re.compile(r"(?<![\w+])\+?\(?\d[\d ().-]{6,18}\d(?!\w)"),
-    "key": re.compile(r"\b(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|"
-                      r"xox[baprs]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})\b"),
-}
-_MASK = {"email": "<EMAIL>", "phone": "<PHONE>", "key": "<KEY>"}
-
-
-_NOT_PHONE = re.compile(r"\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{4}[./-]\d{1,2}[./-]\d{1,2}|\d{1,3}(?:\.\d{1,3}){3}")
-
-
-def _is_phone(s: str) -> bool:
-    """8-15 digits in 2-4 groups (3-4 without a leading +), the last of 3+ digits; not a date
-    (12.10.2021, 2021-10-12) nor an IPv4 address."""
-    groups = re.findall(r"\d+", s)
-    digits = sum(map(len, groups))
-    n = len(groups)
-    return (8 <= digits <= 15 and len(groups[-1]) >= 3 and (2 <= n <= 4 if s[0] == "+" else 3 <= n <= 4)
-            and not _NOT_PHONE.fullmatch(s.strip("()")))
-
-
-def _matches(kind: str, s: str) -> list[re.Match]:
-    return [m for m in PII[kind].finditer(s) if kind != "phone" or _is_phone(m.group(0))]
-_WORD = re.compile(r"\w+", re.UNICODE)
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"), None)
+RULES = ("exact_duplicate", "near_duplicate", "contaminated", "empty_response", "repetitive", "refusal",
+         "wrong_language", "truncated", "pii")
+CHUNK = 256           # records per task sent to a worker
+_FILE_BITS = 40       # a kept record's source as one integer: file index << 40 | line
+_PII_EXAMPLES = 50    # kept records with PII listed in the report (all are counted)
 
 
 @dataclass
@@ -90,7 +77,7 @@ class CurateConfig:
     normalise: bool = True
     exact_duplicates: bool = True
     near_duplicates: bool = True
-    jaccard: float = 0.8          # near-duplicate threshold (estimated Jaccard of character 5-grams)
+    jaccard: float = 0.8          # near-duplicate threshold (estimated Jaccard of word 3-grams)
     num_perm: int = 128           # MinHash permutations
     decontaminate: bool = True
     ngram: int = 13               # words shared with an eval text that make a record contaminated
@@ -98,20 +85,26 @@ class CurateConfig:
     min_response_words: int = 1   # fewer words in a response: empty_response
     max_repetition: float = 0.5   # share of repeated word 3-grams in a response above which: repetitive
     refusals: bool = True         # remove refusal boilerplate from SFT targets and chosen responses
+    languages: list = field(default_factory=list)  # ISO 639-1 codes to keep (e.g. [en]); [] = no language rule
+    min_language_chars: int = 40  # shorter records are not judged by language (too little to tell)
+    min_language_confidence: float = 0.6  # removed only when the other language is at least this likely
     pii: str = "flag"             # flag | mask | remove | off
     max_length: int = 0           # with a tokenizer: a record longer (tokens, untruncated) is removed; 0 = off
     split: float = 0.0            # fraction held out for evaluation, stratified by source (and KTO label)
-    seed: int = 0                 # of the split
+    mix: list = field(default_factory=list)  # [{path, weight} | {path, count}] per input (data.mix); [] = all once
+    seed: int = 0                 # of the split and the mix
 
     def check(self) -> None:
         for f in fields(self):
-            value, want = getattr(self, f.name), type(f.default)
+            value = getattr(self, f.name)
+            want = type(f.default) if isinstance(f.default, (bool, int, float, str)) else list
             ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
             if not ok:
+                default = f.default if want is not list else []
                 raise TunesmithError(f"curate: {f.name} is {value!r}; it takes a {want.__name__} "
-                                     f"(default {f.default!r})")
+                                     f"(default {default!r})")
         if not 16 <= self.num_perm <= 1024:
             raise TunesmithError(f"curate: num_perm {self.num_perm} must be between 16 and 1024 (default 128)")
         if self.pii not in ("flag", "mask", "remove", "off"):
@@ -123,226 +116,41 @@ class CurateConfig:
         if not 0 <= self.split < 1 or self.max_length < 0:
             raise TunesmithError(f"curate: split {self.split} must be in [0, 1) and max_length {self.max_length} "
                                  f">= 0 (0 = off)")
+        if not all(isinstance(x, str) and len(x) == 2 for x in self.languages):
+            raise TunesmithError(f"curate: languages {self.languages!r} must be two-letter ISO 639-1 codes, "
+                                 f"e.g. [en, de]")
+        mixing.sources(self.mix, "curate: mix")
 
 
-@dataclass
-class Entry:
-    where: str                    # "file:line"
-    source: str                   # the input file
-    record: Record
+def config_from(raw: Any, where: str) -> CurateConfig:
+    """A ``CurateConfig`` from a YAML mapping (``--config``, a pipeline's curate stage); an unknown
+    or mistyped setting is one sentence naming it."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TunesmithError(f"{where} must be a mapping of curate settings")
+    names = {f.name for f in fields(CurateConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise TunesmithError(f"{where}: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(names))}")
+    cfg = CurateConfig(**raw)
+    cfg.check()
+    return cfg
 
 
 @dataclass
 class Result:
-    kept: list[Entry] = field(default_factory=list)
-    removed: list[dict] = field(default_factory=list)    # {source, rule, evidence, record}
-    flagged: list[dict] = field(default_factory=list)    # PII kept under pii: flag
+    kept: int = 0
+    removed: int = 0
+    flagged: list[dict] = field(default_factory=list)    # kept records with PII (the first 50)
     report: dict = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------- text of a record
+# ---------------------------------------------------------------- eval texts
 
 
-def normalise_text(s: str) -> str:
-    """NFC, invisible characters dropped, non-breaking spaces as spaces, CRLF as LF, trailing
-    spaces of each line and runs of blank lines dropped, outer whitespace stripped. Indentation
-    and spaces inside a line stay (code, YAML); matching ignores them anyway."""
-    s = unicodedata.normalize("NFC", s).translate(_INVISIBLE).replace("\u00a0", " ").replace("\r\n", "\n")
-    s = re.sub(r"[ \t]+\n", "\n", s)
-    return re.sub(r"\n{3,}", "\n\n", s).strip()
-
-
-def _map_text(rec: Record, fn) -> Record:
-    """``rec`` with ``fn`` applied to every text it trains or prompts on (``meta`` untouched)."""
-    out = dict(rec)
-    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
-        if isinstance(rec.get(key), list):
-            out[key] = [{**m, **{k: fn(m[k]) for k in ("content", "reasoning") if isinstance(m.get(k), str)}}
-                        for m in rec[key]]
-    if isinstance(rec.get("text"), str):
-        out["text"] = fn(rec["text"])
-    return out
-
-
-def _contents(messages: Any, roles: tuple[str, ...] | None = None) -> list[str]:
-    """The text of each message (its reasoning before its content); a turn that only calls a
-    tool (empty content) has none."""
-    out = []
-    for m in messages or ():
-        if roles is None or m.get("role") in roles:
-            text = "\n".join(t for t in (m.get("reasoning"), m.get("content")) if isinstance(t, str) and t)
-            if text or not m.get("tool_calls"):
-                out.append(text)
-    return out
-
-
-def prompt_and_responses(rec: Record) -> tuple[str, list[str]]:
-    """(the prompt's text, each response: SFT assistant turns, chosen and rejected, a completion)."""
-    if "messages" in rec:
-        return "\n".join(_contents(rec["messages"], ("system", "user", "tool"))), _contents(rec["messages"], ("assistant",))
-    if "text" in rec:
-        return "", [rec["text"]]
-    prompt = "\n".join(_contents(rec.get("prompt")))
-    responses = [t for key in ("chosen", "rejected", "completion") for t in ["\n".join(_contents(rec.get(key)))]
-                 if key in rec]
-    return prompt, responses
-
-
-def _targets(rec: Record) -> list[str]:
-    """Responses a model is trained to give: SFT assistant turns, chosen, desirable completions."""
-    if "messages" in rec:
-        return _contents(rec["messages"], ("assistant",))
-    if "text" in rec:
-        return [rec["text"]]
-    if "chosen" in rec:
-        return ["\n".join(_contents(rec["chosen"]))]
-    if "completion" in rec and rec.get("label", True):
-        return ["\n".join(_contents(rec["completion"]))]
-    return []
-
-
-def words(s: str) -> list[str]:
-    return _WORD.findall(s.lower())
-
-
-# ---------------------------------------------------------------- the rules
-
-
-def _exact_key(rec: Record) -> str:
-    """The same record up to whitespace (``meta`` ignored); case counts (code, names)."""
-    spaced = _map_text({k: v for k, v in rec.items() if k != "meta"}, lambda t: " ".join(t.split()))
-    return hashlib.sha1(json.dumps(spaced, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-class NearDuplicates:
-    """MinHash + LSH over word 3-grams of the records kept so far.
-
-    Speed of the signatures (3,000 generated Alpaca-like records of 30-160 words, one core,
-    measured side by side): datasketch's defaults (SHA-1 per shingle, permutations drawn per
-    MinHash) on character 5-grams, 867 records/s; word 3-grams (~9x fewer shingles; one word
-    changed in a 40-word record still leaves Jaccard ~0.9), CRC-32 as the shingle hash (C,
-    stable across runs) and one shared set of permutations, 5,952 records/s (6.9x)."""
-
-    def __init__(self, threshold: float, num_perm: int):
-        from datasketch import MinHash, MinHashLSH
-
-        self._minhash, self.num_perm = MinHash, num_perm
-        self._perms = MinHash(num_perm=num_perm, seed=1, scheme="affine32").permutations  # drawn once, shared
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.threshold = threshold
-        self.hashes: dict[str, Any] = {}
-
-    def _of(self, text: str):
-        w = words(text)
-        shingles = {" ".join(w[i:i + 3]) for i in range(max(1, len(w) - 2))}
-        m = self._minhash(num_perm=self.num_perm, seed=1, hashfunc=zlib.crc32, permutations=self._perms,
-                          scheme="affine32")
-        m.update_batch([x.encode() for x in shingles])
-        return m
-
-    def query(self, text: str) -> tuple[tuple[str, float] | None, Any]:
-        """(the most similar kept record at or above the threshold and its Jaccard, or None;
-        this text's signature, for ``add`` once the record is kept)."""
-        m = self._of(text)
-        best = max(((k, m.jaccard(self.hashes[k])) for k in self.lsh.query(m)), key=lambda x: x[1], default=None)
-        return (best if best is not None and best[1] >= self.threshold else None), m
-
-    def add(self, key: str, m) -> None:
-        self.lsh.insert(key, m)
-        self.hashes[key] = m
-
-
-class EvalIndex:
-    """The word n-grams of every eval text, each naming the eval item it came from (a dict of
-    the n-gram's hash; an eval text shorter than n counts whole, in a table of its length)."""
-
-    def __init__(self, items: Iterable[tuple[str, str]], n: int, min_words: int):
-        self.n, self.grams, self.short = n, {}, {}
-        for where, text in items:
-            w = words(text)
-            if len(w) >= n:
-                for i in range(len(w) - n + 1):
-                    self.grams.setdefault(hash(tuple(w[i:i + n])), where)
-            elif len(w) >= min_words:  # shorter than n: the whole text must appear
-                self.short.setdefault(len(w), {}).setdefault(hash(tuple(w)), where)
-
-    def hit(self, text: str) -> dict | None:
-        """The first eval item ``text`` collides with, and the shared words."""
-        w = words(text)
-        for size, table in [(self.n, self.grams), *self.short.items()]:
-            for i in range(len(w) - size + 1):
-                where = table.get(hash(tuple(w[i:i + size])))
-                if where is not None:
-                    return {"eval_item": where, "shared": " ".join(w[i:i + size])}
-        return None
-
-
-def repetition(text: str) -> tuple[float, int]:
-    """(share of the response's word 3-grams that repeat an earlier one, how many 3-grams)."""
-    w = words(text)
-    grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
-    return (1 - len(set(grams)) / len(grams), len(grams)) if grams else (0.0, 0)
-
-
-def pii_in(rec: Record) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-
-    def scan(s: str) -> str:
-        for kind in PII:
-            found.setdefault(kind, []).extend(m.group(0) for m in _matches(kind, s))
-        return s
-
-    _map_text(rec, scan)
-    return {k: v for k, v in found.items() if v}
-
-
-def mask_pii(rec: Record) -> Record:
-    def mask(s: str) -> str:
-        for kind in PII:
-            for m in reversed(_matches(kind, s)):
-                s = s[:m.start()] + _MASK[kind] + s[m.end():]
-        return s
-
-    return _map_text(rec, mask)
-
-
-def quality(rec: Record, cfg: CurateConfig) -> tuple[str, dict] | None:
-    """(rule, evidence) of the first quality rule ``rec`` breaks, or None."""
-    for text in _targets(rec):  # what trains; a rejected answer is meant to be bad
-        n = len(words(text))
-        if n < cfg.min_response_words:
-            return "empty_response", {"words": n, "min_response_words": cfg.min_response_words}
-        ratio, grams = repetition(text)
-        if grams >= 10 and ratio > cfg.max_repetition:
-            return "repetitive", {"repeated_3gram_share": round(ratio, 3), "max_repetition": cfg.max_repetition}
-    if cfg.refusals:
-        for text in _targets(rec):
-            found = _REFUSAL.search(text.lower().replace("\u2019", "'"))
-            if found is not None:
-                return "refusal", {"phrase": found.group(0)}
-    return None
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_inputs(paths: list[str], **read) -> list[Entry]:
-    """Every record of ``paths`` with its ``file:N``, all of one kind; any malformed record
-    refuses the whole curation (``data check`` names each)."""
-    from tunesmith.data.validate import check_files, summarise
-
-    report = check_files(paths, **read)
-    if not report.ok:
-        raise summarise(report.errors, paths)
-    kinds = {f.kind for f in report.files if f.kind}
-    if len(kinds) > 1:
-        what = ", ".join(f"{f.file} holds {f.kind}" for f in report.files)
-        raise TunesmithError(f"curate: the inputs hold records of different kinds ({what}); curate one kind at a "
-                             f"time")
-    return [Entry(f"{f.file}:{line}", f.file, rec) for f in report.files for line, rec in f.entries]
-
-
-def _strings(x: Any) -> Iterable[str]:
+def _strings(x: Any) -> Iterator[str]:
     if isinstance(x, str):
         yield x
     elif isinstance(x, dict):
@@ -368,145 +176,342 @@ def eval_texts(paths: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-# ---------------------------------------------------------------- the run
-
-
-def _remove(result: Result, e: Entry, rule: str, evidence: dict) -> None:
-    result.removed.append({"source": e.where, "rule": rule, "evidence": evidence, "record": e.record})
-
-
-def _whole_text(rec: Record) -> str:
-    prompt, responses = prompt_and_responses(rec)
-    return "\n".join([prompt, *responses])
-
-
-def _counts(found: dict[str, list[str]]) -> dict[str, int]:
-    """PII evidence without the values themselves (reports get shared; removed.jsonl keeps the record)."""
-    return {kind: len(v) for kind, v in found.items()}
-
-
-def _indexes(cfg: CurateConfig, evals: list[tuple[str, str]], suites: list[tuple[str, str]]) -> list[EvalIndex]:
+def eval_index(cfg: CurateConfig, evals: list[tuple[str, str]], suites: list[tuple[str, str]]) -> EvalIndex | None:
     """The user's eval texts (shorter ones whole) and tunesmith's suites (13-grams only: their
     short generic questions would flag everyday records)."""
     if not cfg.decontaminate:
-        return []
-    return [EvalIndex(evals, cfg.ngram, cfg.min_eval_words), EvalIndex(suites, cfg.ngram, cfg.ngram)]
+        return None
+    index = EvalIndex(cfg.ngram, cfg.min_eval_words)
+    index.add(evals, whole=True)
+    index.add(suites, whole=False)
+    return index.freeze()
 
 
-def _contaminated(indexes: list[EvalIndex], rec: Record) -> dict | None:
-    prompt, responses = prompt_and_responses(rec)
-    return next((h for index in indexes for h in map(index.hit, (prompt, *responses)) if h is not None), None)
+# ---------------------------------------------------------------- reading and analysing
 
 
-def tokens_of(rec: Record, tokenizer) -> int:
-    """The record's longest training sequence, untruncated, under the tokenizer's chat template."""
-    from tunesmith.data.tokenize import training_sequences
-
-    got = training_sequences(rec, tokenizer, max_length=None, special_tokens_in_content="text")
-    return max((len(ex.input_ids) for _, ex in got[0]), default=0) if got is not None else 0
+_ANALYSER: Analyser | None = None  # the worker processes' (inherited through fork)
 
 
-def apply_rules(entries: list[Entry], cfg: CurateConfig, evals: list[tuple[str, str]],
-                suites: list[tuple[str, str]] = (), tokenizer=None) -> Result:
-    """Every rule in order over ``entries``; the kept ones keep their input order. A record
-    joins the duplicate indexes only once it is kept, so a duplicate always names a kept one."""
-    cfg.check()
-    result = Result()
-    exact: dict[str, str] = {}
-    near = NearDuplicates(cfg.jaccard, cfg.num_perm) if cfg.near_duplicates else None
-    indexes = _indexes(cfg, evals, list(suites))
-    for e in entries:
-        if cfg.normalise:
-            e = Entry(e.where, e.source, _map_text(e.record, normalise_text))
-        key = _exact_key(e.record) if cfg.exact_duplicates else None
-        if key in exact:
-            _remove(result, e, "exact_duplicate", {"duplicate_of": exact[key]})
-            continue
-        hit, signature = near.query(_whole_text(e.record)) if near is not None else (None, None)
-        if hit is not None:
-            _remove(result, e, "near_duplicate", {"duplicate_of": hit[0], "jaccard": round(hit[1], 3)})
-            continue
-        hit = _contaminated(indexes, e.record)
-        if hit is not None:
-            _remove(result, e, "contaminated", hit)
-            continue
-        broken = quality(e.record, cfg)
-        if broken is not None:
-            _remove(result, e, *broken)
-            continue
-        n = tokens_of(e.record, tokenizer) if cfg.max_length and tokenizer is not None else 0
-        if n > cfg.max_length > 0:
-            _remove(result, e, "truncated", {"tokens": n, "max_length": cfg.max_length})
-            continue
-        found = pii_in(e.record) if cfg.pii != "off" else {}
-        if found and cfg.pii == "remove":
-            _remove(result, e, "pii", _counts(found))
-            continue
-        if found:
-            result.flagged.append({"source": e.where, "pii": _counts(found), "masked": cfg.pii == "mask"})
-            if cfg.pii == "mask":
-                e = Entry(e.where, e.source, mask_pii(e.record))
-        if key is not None:
-            exact.setdefault(key, e.where)
-        if near is not None:
-            near.add(e.where, signature)
-        result.kept.append(e)
-    return result
+def _analyse_chunk(task: tuple) -> tuple:
+    """A worker's task: parse (JSONL) and normalise a chunk of one file's rows through the
+    data layer, analyse each record, and send each back as its JSON line.
+    → (file index, [(line, Facts)], errors, kinds)."""
+    from tunesmith.data.formats import normalise_records
+    from tunesmith.data.schema import kind_of
+
+    file_index, file, rows, read = task
+    errors: list = []
+    nf = normalise_records(_parsed(file, rows, errors), file, errors, **read)
+    out = []
+    for line, rec in nf.entries:
+        facts = _ANALYSER.analyse(rec)
+        facts.line, facts.record = json.dumps(facts.record, ensure_ascii=False) + "\n", None
+        out.append((line, facts))
+    return file_index, out, errors, [kind_of(rec) for _, rec in nf.entries[:1]]
 
 
-def _histogram(values: list[int], edges: tuple[int, ...]) -> dict[str, int]:
-    out = {}
-    for lo, hi in zip(edges, edges[1:] + (None,)):
-        label = f"{lo}-{hi - 1}" if hi is not None else f"{lo}+"
-        out[label] = sum(1 for v in values if v >= lo and (hi is None or v < hi))
-    return out
+def _parsed(file: str, rows: list, errors: list) -> list:
+    """(line, raw record) of each row; JSONL rows come as (line, offset, bytes), parsed here."""
+    from tunesmith.data.readers import _NO_RECORD, jsonl_record
+
+    if not rows or len(rows[0]) == 2:
+        return rows
+    parsed = ((line, jsonl_record(file, line, start, raw, errors)) for line, start, raw in rows)
+    return [(line, obj) for line, obj in parsed if obj is not _NO_RECORD]
 
 
-_LENGTHS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048)
-_TURNS = (0, 1, 2, 3, 4, 6, 8, 12)
+def _rows(path: str, errors: list) -> Iterator[tuple]:
+    """A file's rows: JSONL lines unparsed (the workers parse them), any other file's records."""
+    from tunesmith.data.readers import RecordProblem, file_kind, jsonl_lines, read_raw
+
+    p = Path(path)
+    if file_kind(p) != "jsonl":
+        yield from read_raw(p, errors)
+        return
+    if p.stat().st_size == 0:
+        raise RecordProblem(path, None, "", "file is empty; it holds no records", "file")
+    n = 0
+    for n, row in enumerate(jsonl_lines(p), start=1):
+        yield row
+    if n == 0:
+        raise RecordProblem(path, None, "", "file holds no records (only blank lines)", "file")
 
 
-def _turns(rec: Record) -> int:
-    return sum(1 for m in rec.get("messages") or rec.get("prompt") or () if m.get("role") == "user")
+def _chunks(paths: list[str], errors: list, read: dict) -> Iterator[tuple]:
+    """(file index, file, rows, how to normalise them) per ``CHUNK`` rows of each input; the
+    file's format and prompt mode come from its first chunk, as ``data check`` decides them."""
+    from tunesmith.data.formats import normalise_records
+    from tunesmith.errors import DataError
+
+    for i, path in enumerate(paths):
+        try:
+            rows: list = []
+            fixed = None
+            for row in _rows(path, errors):
+                rows.append(row)
+                if len(rows) == CHUNK:
+                    fixed = fixed or _file_format(normalise_records(_parsed(path, rows, []), path, [], **read), read)
+                    yield i, path, rows, fixed
+                    rows = []
+            if rows:
+                yield i, path, rows, fixed or _file_format(normalise_records(_parsed(path, rows, []), path, [], **read),
+                                                           read)
+        except DataError as e:  # the file as a whole cannot be read
+            errors.append(e)
+            return
 
 
-def summary(entries: list[Entry], result: Result, cfg: CurateConfig, inputs: list[str],
-            eval_files: list[str], examples: int = 3) -> dict:
-    """The report: counts per rule and per source, examples, word-length and turn histograms
-    before and after (JSON-ready; ``report_html`` renders it)."""
-    rules = Counter(r["rule"] for r in result.removed)
-    before = [len(words(_whole_text(e.record))) for e in entries]
-    after = [len(words(_whole_text(e.record))) for e in result.kept]
-    return {
-        "inputs": inputs, "eval_files": eval_files, "config": asdict(cfg),
-        "records": len(entries), "kept": len(result.kept), "removed": len(result.removed),
-        "removed_by_rule": {rule: rules.get(rule, 0) for rule in RULES},
-        "pii_flagged": len(result.flagged), "pii": result.flagged,  # sources and counts, not the values
-        "sources": {"before": dict(Counter(e.source for e in entries)),
-                    "after": dict(Counter(e.source for e in result.kept))},
-        "examples": {rule: [{k: r[k] for k in ("source", "evidence")} for r in result.removed
-                            if r["rule"] == rule][:examples] for rule in RULES if rules.get(rule)},
-        "words": {"before": _histogram(before, _LENGTHS), "after": _histogram(after, _LENGTHS)},
-        "turns": {"before": _histogram([_turns(e.record) for e in entries], _TURNS),
-                  "after": _histogram([_turns(e.record) for e in result.kept], _TURNS)},
-    }
+def _file_format(nf, read: dict) -> dict:
+    return {**read, "format": nf.format or read.get("format"), "prompt_mode": nf.prompt_mode}
 
 
-def stratified_split(kept: list[Entry], fraction: float, seed: int) -> tuple[list[Entry], list[Entry]]:
-    """(train, eval): ``round(fraction * n)`` of each stratum — a source file, and for KTO its
-    label — held out (at least one of a stratum of two or more), seeded; input order kept."""
+def _in_order(tasks: Iterator[tuple], workers: int) -> Iterator[tuple]:
+    """Each task's result in task order; ``workers`` processes at most two tasks ahead each
+    (a bounded queue: the reader never runs ahead of the analysis by more than that)."""
+    if workers <= 1:
+        yield from map(_analyse_chunk, tasks)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(_analyse_chunk, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------- deciding in order
+
+
+class Decisions:
+    """What only the whole stream decides — exact and near duplicates of kept records — and the
+    report's counts, kept as the records go by (nothing per record but the indexes)."""
+
+    def __init__(self, cfg: CurateConfig, files: list[str], perms):
+        from datasketch import MinHashLSH
+
+        from tunesmith.data.curate_rules import minhash
+
+        self.cfg, self.files = cfg, files
+        self.exact: dict[int, int] = {}
+        self.lsh = MinHashLSH(threshold=cfg.jaccard, num_perm=cfg.num_perm) if cfg.near_duplicates else None
+        self.probe = minhash(cfg.num_perm, perms)  # each record's signature is set into it: no object per record
+        self.signatures: list[np.ndarray] = []   # of kept records, by kept index
+        self.where = array("q")                  # kept index → file index << 40 | line
+        self.source, self.label = array("H"), array("b")
+        self.rules: Counter = Counter()
+        self.examples: dict[str, list] = {}
+        self.before, self.after = Counts(), Counts()
+        self.flagged: list[dict] = []
+        self.pii_records, self.pii_kinds = 0, Counter()
+        self.records = 0
+
+    def name(self, code: int) -> str:
+        return f"{self.files[code >> _FILE_BITS]}:{code & ((1 << _FILE_BITS) - 1)}"
+
+    def duplicate(self, facts: Facts) -> tuple[str, dict] | None:
+        if facts.key is not None and facts.key in self.exact:
+            return "exact_duplicate", {"duplicate_of": self.name(self.where[self.exact[facts.key]])}
+        if self.lsh is not None:
+            self.probe.hashvalues = facts.signature
+            best = max(((k, float(np.mean(self.signatures[k] == facts.signature))) for k in self.lsh.query(self.probe)),
+                       key=lambda x: x[1], default=None)
+            if best is not None and best[1] >= self.cfg.jaccard:
+                return "near_duplicate", {"duplicate_of": self.name(self.where[best[0]]), "jaccard": round(best[1], 3)}
+        return None
+
+    def keep(self, file_index: int, line: int, facts: Facts) -> None:
+        k = len(self.where)
+        self.where.append(file_index << _FILE_BITS | line)
+        self.source.append(file_index)
+        self.label.append(facts.label)
+        if facts.key is not None:
+            self.exact.setdefault(facts.key, k)
+        if self.lsh is not None:
+            self.probe.hashvalues = facts.signature  # (duplicate() set it; set again: keep() stands alone)
+            self.lsh.insert(k, self.probe, check_duplication=False)
+            self.signatures.append(facts.signature)
+        self.after.add(self.files[file_index], facts)
+        if facts.pii:
+            self.pii_records += 1
+            self.pii_kinds.update(facts.pii)
+            if len(self.flagged) < _PII_EXAMPLES:
+                self.flagged.append({"source": f"{self.files[file_index]}:{line}", "pii": facts.pii,
+                                     "masked": self.cfg.pii == "mask"})
+
+    def removed(self, rule: str, where: str, evidence: dict) -> dict:
+        self.rules[rule] += 1
+        shown = self.examples.setdefault(rule, [])
+        if len(shown) < 3:
+            shown.append({"source": where, "evidence": evidence})
+        return {"source": where, "rule": rule, "evidence": evidence}
+
+
+def _first_pass(paths: list[str], cfg: CurateConfig, analyser: Analyser, workers: int, read: dict,
+                kept: LineWriter, removed: LineWriter) -> Decisions:
+    """Every record through every rule, in input order; kept ones to ``kept``, the others with
+    their evidence to ``removed``. A malformed record stops the run (``data check`` names each)."""
+    global _ANALYSER
+    from tunesmith.data.validate import summarise
+
+    decide = Decisions(cfg, paths, analyser.perms)
+    errors: list = []
+    kinds: dict[int, str] = {}
+    _ANALYSER = analyser
+    try:
+        with closing(_in_order(_chunks(paths, errors, read), workers)) as stream:
+            _decide_all(stream, paths, decide, errors, kinds, kept, removed)
+    finally:
+        _ANALYSER = None
+    if errors:
+        raise summarise(errors, paths)
+    if len(set(kinds.values())) > 1:
+        what = ", ".join(f"{paths[i]} holds {k}" for i, k in sorted(kinds.items()))
+        raise TunesmithError(f"curate: the inputs hold records of different kinds ({what}); curate one kind at a time")
+    return decide
+
+
+def _decide_all(stream, paths, decide: Decisions, errors: list, kinds: dict, kept: LineWriter,
+                removed: LineWriter) -> None:
+    for file_index, results, errs, kind in stream:
+        errors += errs
+        if errors:
+            return
+        if kind and kinds.setdefault(file_index, kind[0]) != kind[0]:
+            raise TunesmithError(f"curate: {paths[file_index]} holds {kinds[file_index]} records and, further on, "
+                                 f"{kind[0]} records; keep one kind per file")
+        for line, facts in results:
+            decide.records += 1
+            decide.before.add(paths[file_index], facts)
+            verdict = decide.duplicate(facts) or facts.verdict
+            if verdict is not None:
+                entry = decide.removed(verdict[0], f"{paths[file_index]}:{line}", verdict[1])
+                removed.write(json.dumps(entry, ensure_ascii=False)[:-1] + ', "record": ' + facts.line[:-1] + "}\n")
+                continue
+            decide.keep(file_index, line, facts)
+            kept.write(facts.line)
+
+
+# ---------------------------------------------------------------- split and mix
+
+
+def held_out(strata: list[tuple], fraction: float, seed: int) -> set[int]:
+    """``round(fraction * n)`` of each stratum (at least one of a stratum of two or more), seeded."""
     import random
 
-    strata: dict[tuple, list[int]] = {}
-    for i, e in enumerate(kept):
-        strata.setdefault((e.source, e.record.get("label")), []).append(i)
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(strata):
+        groups.setdefault(key, []).append(i)
     held: set[int] = set()
     rnd = random.Random(seed)
-    for key in sorted(strata, key=str):
-        members = strata[key]
+    for key in sorted(groups, key=str):
+        members = groups[key]
         k = max(1, round(fraction * len(members))) if len(members) >= 2 else 0
         held |= set(rnd.sample(members, k))
-    return [e for i, e in enumerate(kept) if i not in held], [e for i, e in enumerate(kept) if i in held]
+    return held
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    with open(path, encoding="utf-8") as f:
+        yield from enumerate(f)
+
+
+class SplitCheck:
+    """A held-out part checked as an eval file is (word ``n``-grams), except that an n-gram
+    found in more than ``boilerplate`` train records is a template (a shared system prompt,
+    identity.json's "I am {{name}}, an AI assistant…"), not a leak: as the GPT-3 paper's
+    decontamination ignores its most frequent n-grams. Two passes over the train records:
+    ``count`` every one, then ``hit`` each."""
+
+    def __init__(self, held: Iterable[tuple[str, Record]], n: int, boilerplate: int = 10):
+        self.index = EvalIndex(n, n)
+        for where, rec in held:
+            prompt, responses = prompt_and_responses(rec)
+            self.index.add([(where, t) for t in (prompt, *responses)], whole=False)
+        self.index.freeze()
+        self.records = np.zeros(len(self.index.keys), np.int64)  # train records holding each n-gram
+        self.boilerplate = boilerplate
+
+    def _grams(self, rec: Record) -> tuple[Grams, list[tuple[int, int]]]:
+        g = Grams(list(_texts_of(rec)))
+        return g, [(p, lo + i) for lo, hi in g.parts for p, i in self.index.positions(g, (lo, hi))]
+
+    def count(self, rec: Record) -> None:
+        if len(self.index.keys):
+            self.records[np.unique([p for p, _ in self._grams(rec)[1]]).astype(np.int64)] += 1
+
+    def hit(self, rec: Record) -> dict | None:
+        if not len(self.index.keys):
+            return None
+        g, found = self._grams(rec)
+        for p, at in found:
+            if self.records[p] <= self.boilerplate:
+                return {"eval_item": self.index.items[int(self.index.owner[p])], "shared": g.text(at, self.index.n),
+                        "split": "eval"}
+        return None
+
+
+def _texts_of(rec: Record) -> list[str]:
+    prompt, responses = prompt_and_responses(rec)
+    return [prompt, *responses]
+
+
+def split_overlap(train: list[Record], held: list[Record], n: int = 13) -> tuple[int, str | None]:
+    """How many ``train`` records share a word n-gram (not a template's) with a ``held`` one,
+    and the first shared span — the check of a run's ``data.eval_split``."""
+    check = SplitCheck(((str(i), r) for i, r in enumerate(held)), n)
+    for rec in train:
+        check.count(rec)
+    hits = [h for h in map(check.hit, train) if h is not None]
+    return len(hits), (hits[0]["shared"] if hits else None)
+
+
+def _split(decide: Decisions, cfg: CurateConfig, scratch: str, eval_out: LineWriter,
+           removed: LineWriter) -> tuple[list[int], set[int]]:
+    """Hold out the eval part and check the train part against it (``SplitCheck``): a train
+    record sharing a held-out n-gram is removed as contaminated. → (train, held-out) indexes."""
+    held = held_out(list(zip(decide.source, decide.label)), cfg.split, cfg.seed)
+    kept = [(i, line) for i, line in _lines(scratch) if i in held]
+    for _, line in kept:
+        eval_out.write(line)
+    check = SplitCheck(((decide.name(decide.where[i]), json.loads(line)) for i, line in kept), cfg.ngram)
+    for i, line in _lines(scratch):
+        if i not in held:
+            check.count(json.loads(line))
+    train = []
+    for i, line in _lines(scratch):
+        if i in held:
+            continue
+        hit = check.hit(rec := json.loads(line))
+        if hit is not None:
+            removed.write({**decide.removed("contaminated", decide.name(decide.where[i]), hit), "record": rec})
+            decide.after.sources[decide.files[decide.source[i]]] -= 1
+            continue
+        train.append(i)
+    return train, held
+
+
+def _mix(decide: Decisions, srcs: list[mixing.Source], train: list[int], seed: int) -> tuple[Counter, dict]:
+    """(how many times each train index goes out, the mix's report)."""
+    by_source: list[list[int]] = [[] for _ in decide.files]
+    for i in train:
+        by_source[decide.source[i]].append(i)
+    picks = mixing.plan(srcs, [len(g) for g in by_source], seed)
+    times = Counter(by_source[s][j] for s, idx in enumerate(picks) for j in idx)
+    report = {src.path: {"kept": len(g), "asked": src.describe(), "out": len(idx)}
+              for src, g, idx in zip(srcs, by_source, picks)}
+    return times, report
+
+
+# ---------------------------------------------------------------- the run
 
 
 def outputs(out: str | Path, split: bool) -> dict[str, Path]:
@@ -520,38 +525,92 @@ def outputs(out: str | Path, split: bool) -> dict[str, Path]:
     return {"train": out, **side}
 
 
-def curate(inputs: list[str], out: str | Path, *, eval_files: list[str] = (), suite_files: list[str] = (),
-           cfg: CurateConfig | None = None, tokenizer=None, **read) -> Result:
-    """Curate ``inputs`` into ``out`` (canonical JSONL, atomic; with ``split``, OUT-train.jsonl and
-    OUT-eval.jsonl instead), ``OUT.removed.jsonl`` (every removed record, why and the evidence),
-    ``OUT.report.json`` and ``OUT.report.html``."""
-    from tunesmith.data.curate_report import render_curation
-    from tunesmith.data.validate import write_jsonl
-    from tunesmith.files import write_text_atomic
-
-    cfg = cfg or CurateConfig()
-    cfg.check()
-    for f in [*inputs, *eval_files]:
+def _inputs(inputs: list[str], cfg: CurateConfig) -> tuple[list[str], list[mixing.Source]]:
+    """The input files (``mix``'s when none are given) and each one's mix entry."""
+    srcs = mixing.sources(cfg.mix, "curate: mix")
+    inputs = list(inputs) or [s.path for s in srcs]
+    if not inputs:
+        raise TunesmithError("curate: no input files; give them as arguments or in the config's mix")
+    for f in inputs:
         if not Path(f).is_file():
             raise TunesmithError(f"curate: {f} does not exist; check the path")
     resolved = [Path(f).resolve() for f in inputs]
     twice = next((f for f, r in zip(inputs, resolved) if resolved.count(r) > 1), None)
     if twice is not None:
         raise TunesmithError(f"curate: {twice} is given twice; give each input once")
+    by_path = {}
+    for s in srcs:
+        r = Path(s.path).resolve()
+        if r not in resolved:
+            raise TunesmithError(f"curate: mix names {s.path}, which is not an input; add it or drop it from the mix")
+        by_path[r] = s
+    return inputs, [by_path.get(r, mixing.Source(f)) for f, r in zip(inputs, resolved)]
+
+
+def curate(inputs: list[str], out: str | Path, *, eval_files: list[str] = (), suite_files: list[str] = (),
+           cfg: CurateConfig | None = None, tokenizer=None, workers: int | None = None, **read) -> Result:
+    """Curate ``inputs`` into ``out`` (canonical JSONL, atomic; with ``split``, OUT-train.jsonl and
+    OUT-eval.jsonl instead), ``OUT.removed.jsonl`` (every removed record, why and the evidence),
+    ``OUT.report.json`` and ``OUT.report.html``. ``workers``: processes analysing records
+    (default: every core); the result does not depend on it."""
+    from datasketch import MinHash
+
+    from tunesmith.data.curate_report import render_curation
+
+    cfg = cfg or CurateConfig()
+    cfg.check()
+    inputs, srcs = _inputs(list(inputs), cfg)
+    for f in eval_files:
+        if not Path(f).is_file():
+            raise TunesmithError(f"curate: {f} does not exist; check the path")
     if cfg.max_length and tokenizer is None:
         raise TunesmithError("curate: max_length needs a tokenizer; pass --model (the model you will train)")
-    entries = read_inputs(list(inputs), **read)
-    result = apply_rules(entries, cfg, eval_texts(list(eval_files)), eval_texts(list(suite_files)), tokenizer)
-    result.report = summary(entries, result, cfg, list(inputs), [*eval_files, *suite_files])
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise TunesmithError(f"curate: workers {workers} must be at least 1")
+    if tokenizer is not None and workers > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers fork after it was used
+    perms = MinHash(num_perm=cfg.num_perm, seed=1, scheme="affine32").permutations  # drawn once, shared
+    analyser = Analyser(cfg, eval_index(cfg, eval_texts(list(eval_files)), eval_texts(list(suite_files))),
+                        tokenizer, perms)
     paths = outputs(out, cfg.split > 0)
-    if cfg.split > 0:
-        train, held = stratified_split(result.kept, cfg.split, cfg.seed)
-        write_jsonl((e.record for e in held), paths["eval"])
-        result.report["split"] = {"train": len(train), "eval": len(held), "by_source": dict(Counter(e.source for e in held))}
-    else:
-        train = result.kept
-    write_jsonl((e.record for e in train), paths["train"])
-    write_jsonl(result.removed, paths["removed"])
-    write_text_atomic(paths["json"], json.dumps(result.report, indent=1) + "\n")
+    reshape = cfg.split > 0 or any(not s.plain for s in srcs)
+    writers = {k: LineWriter(p) for k, p in paths.items() if k in ("train", "eval", "removed")}
+    kept = LineWriter(paths["train"].with_name(f".{paths['train'].name}.kept")) if reshape else writers["train"]
+    try:
+        decide = _first_pass(inputs, cfg, analyser, workers, read, kept, writers["removed"])
+        report = _reshape(decide, cfg, srcs, kept, writers) if reshape else {}
+        result = Result(report=summary(decide, asdict(cfg), RULES, inputs, [*eval_files, *suite_files]),
+                        flagged=decide.flagged)
+        result.report.update(report)
+        result.kept, result.removed = result.report["kept"], result.report["removed"]
+        for w in writers.values():
+            w.commit()
+    finally:
+        for w in [kept, *writers.values()]:
+            w.abort()
+    write_text_atomic(paths["json"], json.dumps(result.report, indent=1, ensure_ascii=False) + "\n")
     write_text_atomic(paths["html"], render_curation(result.report))
+    result.paths = paths
     return result
+
+
+def _reshape(decide: Decisions, cfg: CurateConfig, srcs: list[mixing.Source], kept: LineWriter,
+             writers: dict[str, LineWriter]) -> dict:
+    """The split (checked against its train part) and the mix, from the kept records on disk."""
+    kept.f.flush()
+    report: dict = {}
+    train = list(range(len(decide.where)))
+    if cfg.split > 0:
+        train, held = _split(decide, cfg, kept.tmp, writers["eval"], writers["removed"])
+        report["split"] = {"train": len(train), "eval": len(held),
+                           "by_source": dict(Counter(decide.files[decide.source[i]] for i in sorted(held)))}
+    times, mixed = _mix(decide, srcs, train, cfg.seed)
+    if any(not s.plain for s in srcs):
+        report["mix"] = mixed
+    for i, line in _lines(kept.tmp):
+        for _ in range(times.get(i, 0)):
+            writers["train"].write(line)
+    if cfg.split > 0:
+        report["split"]["train"] = writers["train"].lines
+    return report

@@ -86,6 +86,7 @@ class NormalisedFile:
     format: str | None
     kind: str | None
     entries: list[tuple[int, Record]] = field(default_factory=list)
+    prompt_mode: bool = False     # conversations ending with a user turn read as prompts
 
 
 def _text(ctx: _Ctx, value: Any, field: str, *, allow_empty: bool = False) -> str | None:
@@ -428,12 +429,15 @@ def _normalise(ctx: _Ctx, raw: dict, fmt: str, prompt_mode: bool):
 
 
 def normalise_records(rows: list[tuple[int, Any]], file: str, errors: list[DataError], *,
-                      format: str | None = None, columns: dict[str, str] | None = None) -> NormalisedFile:
+                      format: str | None = None, columns: dict[str, str] | None = None,
+                      prompt_mode: bool | None = None) -> NormalisedFile:
     """Detect one file's format and normalise its rows; problems are appended to ``errors``.
 
     ``format`` (a name from ``FORMATS``) skips detection; ``columns`` maps canonical names
     to source columns before detection. A file holds one format: the first record's; the
-    first record in another format is reported as a schema change.
+    first record in another format is reported as a schema change. ``prompt_mode`` (conversations
+    that all end with a user turn are prompts) is decided from ``rows`` unless given: a caller
+    normalising a file in chunks decides it once, from the first chunk.
     """
     if format is not None and format not in FORMATS:
         raise TunesmithError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
@@ -465,10 +469,10 @@ def normalise_records(rows: list[tuple[int, Any]], file: str, errors: list[DataE
         unit = "line" if SUFFIXES.get(Path(file).suffix.lower()) in ("jsonl", "csv") else "record"
         _Ctx(file, change, errors).err("", f"the schema changes here from {file_fmt} ({unit} {first_line}) to "
                                        f"{other} ({fmts[other]} records); keep one format per file", "mixed_schema")
-    prompt_mode = file_fmt in ("openai_messages", "sharegpt") and all(
+    prompt_mode = prompt_mode if prompt_mode is not None else file_fmt in ("openai_messages", "sharegpt") and all(
         _ends_with_user(raw) and not ({"label", "kto_tag"} & set(raw)) for _, raw, f in detected if f == file_fmt)
 
-    out = NormalisedFile(file_fmt, None)
+    out = NormalisedFile(file_fmt, None, prompt_mode=prompt_mode)
     for line, raw, fmt in detected:
         ctx = _Ctx(file, line, errors)
         res = _normalise(ctx, raw, fmt, prompt_mode)

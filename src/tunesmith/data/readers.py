@@ -32,8 +32,8 @@ and Python's JSON functions hit their recursion limit on it).
 from __future__ import annotations
 
 import csv
-import io
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +102,9 @@ def read_raw(path: str | Path, errors: list[DataError], warnings: list[DataError
         raise RecordProblem(str(path), None, "", "file is empty; it holds no records", "file")
     reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
     for line, raw in reader(path, errors, warnings):
+        if kind == "jsonl":  # checked line by line (jsonl_record)
+            yield line, raw
+            continue
         bad = unsafe_value(raw)
         if bad is not None:
             errors.append(RecordProblem(str(path), line, bad[0], bad[1], bad[2]))
@@ -200,32 +203,61 @@ def _strip_bom(text: str) -> str:
 # --- JSON Lines ---------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
-    file, blank, n = str(path), [], 0
+def jsonl_lines(path: Path, blank: list[int] | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, bytes) of each non-blank line (the BOM off the first);
+    blank line numbers go to ``blank``. Binary iteration splits on b"\n" only and has no
+    line-length limit."""
     offset = 0
-    # Binary iteration splits on b"\n" only and has no line-length limit; a trailing
-    # "\r" (Windows line endings) is JSON whitespace, so json.loads ignores it.
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             start, offset = offset, offset + len(raw)
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw, start = raw[3:], start + 3
             if not raw.strip():
-                blank.append(lineno)
+                if blank is not None:
+                    blank.append(lineno)
                 continue
-            # Without the line ending, an error at the end of the line keeps its column.
-            text = _decode(raw.rstrip(b"\r\n"), file, errors, line=lineno, base_offset=start)
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                errors.append(RecordProblem(file, lineno, "", f"invalid JSON: {e.msg} at column {e.colno}; "
-                                            "each line must be one complete JSON object", "json"))
-                continue
-            except RecursionError:
-                errors.append(RecordProblem(file, lineno, "", _TOO_DEEP, "json"))
-                continue
-            n += 1
-            yield lineno, obj
+            yield lineno, start, raw
+
+
+_NO_RECORD = object()
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud83d" (of a pair, or alone)
+
+
+def jsonl_record(file: str, lineno: int, start: int, raw: bytes, errors: list[DataError]) -> Any:
+    """One JSONL line's record, checked as ``read_raw`` checks every record (``_NO_RECORD``
+    when it is refused; the problem goes to ``errors``). Apart from ``jsonl_lines`` so that
+    a reader process can hand lines to workers that parse them."""
+    # Without the line ending, an error at the end of the line keeps its column; a trailing
+    # "\r" (Windows line endings) is JSON whitespace, so json.loads ignores it.
+    text = _decode(raw.rstrip(b"\r\n"), file, errors, line=lineno, base_offset=start)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        errors.append(RecordProblem(file, lineno, "", f"invalid JSON: {e.msg} at column {e.colno}; "
+                                    "each line must be one complete JSON object", "json"))
+        return _NO_RECORD
+    except RecursionError:
+        errors.append(RecordProblem(file, lineno, "", _TOO_DEEP, "json"))
+        return _NO_RECORD
+    # A lone surrogate needs a \u escape and deep nesting needs that many brackets: most
+    # lines have neither, and skip the walk over the record (a third of reading's time).
+    if _SURROGATE_ESCAPE.search(text) or text.count("[") + text.count("{") > MAX_DEPTH:
+        bad = unsafe_value(obj)
+        if bad is not None:
+            errors.append(RecordProblem(file, lineno, bad[0], bad[1], bad[2]))
+            return _NO_RECORD
+    return obj
+
+
+def _read_jsonl(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
+    file, blank, n = str(path), [], 0
+    for lineno, start, raw in jsonl_lines(path, blank):
+        obj = jsonl_record(file, lineno, start, raw, errors)
+        if obj is _NO_RECORD:
+            continue
+        n += 1
+        yield lineno, obj
     if blank:
         shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
         warnings.append(RecordProblem(file, blank[0], "", f"skipped {len(blank)} blank line(s) "
@@ -237,8 +269,94 @@ def _read_jsonl(path: Path, errors: list[DataError], warnings: list[DataError]) 
 # --- JSON ---------------------------------------------------------------------------
 
 
+# A .json file larger than this whose top level is a list is read one record at a time
+# (``_stream_json_array``): a 10 GB array is never held whole. Smaller files parse at once.
+STREAM_JSON_BYTES = 64 << 20
+_CHUNK = 1 << 20
+_MAX_RECORD = 1 << 30  # a record this large that still does not parse is invalid, not cut off
+
+
+def _first_char(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1].decode("latin-1")
+
+
+def _stream_json_array(path: Path, errors: list[DataError]) -> Iterator[tuple[int, Any]]:
+    """Each element of a top-level JSON array, decoded from a buffer refilled 1 MiB at a time.
+    A problem (invalid JSON or UTF-8) ends the file with one error at its line."""
+    import codecs
+
+    file, dec = str(path), json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    buf, pos, lines, eof, index = "", 0, 0, False, 0
+    with path.open("rb") as f:
+        def fill() -> bool:  # more text after pos; False at the end of the file
+            nonlocal buf, pos, lines, eof
+            if eof:
+                return False
+            chunk = f.read(_CHUNK)
+            eof = not chunk
+            lines += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:] + utf8.decode(chunk, final=eof), 0
+            return True
+
+        def skip() -> str:  # the next non-space character ("" at the end)
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return buf[pos:pos + 1]
+
+        def fail(why: str) -> RecordProblem:
+            return RecordProblem(file, lines + buf.count("\n", 0, pos) + 1, "", why, "json")
+
+        try:
+            skip()
+            pos += 1  # the "[" (checked by the caller)
+            while True:
+                ch = skip()
+                if ch == "]":
+                    pos += 1
+                    if skip():
+                        errors.append(fail("invalid JSON: extra data after the top-level list"))
+                    return
+                if index and ch != ",":
+                    errors.append(fail("invalid JSON: expected ',' or ']' between records"))
+                    return
+                if index:
+                    pos += 1
+                    skip()
+                while True:
+                    try:
+                        obj, end = dec.raw_decode(buf, pos)
+                        if end < len(buf) or eof:  # a number at the buffer's end may go on
+                            break
+                    except json.JSONDecodeError as e:
+                        if eof or len(buf) - pos > _MAX_RECORD:
+                            errors.append(fail(f"invalid JSON: {e.msg} in record {index}"))
+                            return
+                    except RecursionError:
+                        errors.append(fail(_TOO_DEEP))
+                        return
+                    fill()
+                yield index, obj
+                index, pos = index + 1, end
+        except UnicodeDecodeError as e:
+            errors.append(RecordProblem(file, None, "", f"invalid UTF-8 ({e.reason}) after record {index}; "
+                                        "re-save the file as UTF-8", "encoding"))
+
+
 def _read_json(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
     file = str(path)
+    if path.stat().st_size > STREAM_JSON_BYTES and _first_char(path) == "[":
+        n = 0
+        for n, (i, rec) in enumerate(_stream_json_array(path, errors), start=1):
+            yield i, rec
+        if n == 0 and not errors:
+            raise RecordProblem(file, None, "", "file holds no records (an empty list)", "file")
+        return
     data = path.read_bytes()
     text = _strip_bom(_decode(data, file, errors))
     if not text.strip():
@@ -288,9 +406,20 @@ def _json_records(obj: Any, file: str) -> list[Any]:
 # --- CSV ----------------------------------------------------------------------------
 
 
+def _csv_lines(path: Path, errors: list[DataError]) -> Iterator[str]:
+    """The file's lines, decoded one at a time (streamed: a large CSV is never held whole);
+    an invalid byte is reported at its line and file offset, as for any file."""
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], start + 3
+            yield _decode(raw, str(path), errors, line=lineno, base_offset=start)
+
+
 def _read_csv(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
     file = str(path)
-    text = _strip_bom(_decode(path.read_bytes(), file, errors))
     # The default field limit (128 KiB) would reject a long response; lift it.
     old = csv.field_size_limit()
     limit = sys.maxsize
@@ -301,9 +430,9 @@ def _read_csv(path: Path, errors: list[DataError], warnings: list[DataError]) ->
         except OverflowError:
             limit //= 2
     try:
-        # newline="" keeps "\r\n" inside quoted fields and counts physical lines in
-        # reader.line_num, so a record's first line is the previous line_num + 1.
-        reader = csv.reader(io.StringIO(text, newline=""))
+        # Lines keep their "\r\n" (quoted multi-line fields stay whole) and reader.line_num
+        # counts physical lines, so a record's first line is the previous line_num + 1.
+        reader = csv.reader(_csv_lines(path, errors))
         header: list[str] | None = None
         prev = 0
         n = 0
@@ -351,14 +480,14 @@ def _read_parquet(path: Path, errors: list[DataError], warnings: list[DataError]
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a corrupt file
         raise RecordProblem(str(path), None, "", f"cannot read as Parquet ({e})", "file") from None
-    if table.num_rows == 0:
+    if table.metadata.num_rows == 0:
         raise RecordProblem(str(path), None, "", "file holds no records", "file")
-    # Batch by batch keeps memory to one row group at a time for large files.
+    # Batch by batch keeps memory to one batch at a time for large files.
     i = 0
-    for batch in table.to_batches():
+    for batch in table.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             yield i, row
             i += 1

@@ -278,6 +278,25 @@ def load_records(path_or_paths: str | Path | Iterable[str | Path], *, format: st
     return records
 
 
+def load_training(train: Any, eval_split: float, seed: int, **read: Any) -> tuple[list[Record], list[Record]]:
+    """(train, held-out) records of a run config's ``data.train``: mixed as its entries ask
+    (``data.mix``), the held-out part (``eval_split`` > 0) taken before the mix, so that no
+    copy of a record lands on both sides. Plain paths read as one ``load_records`` call."""
+    from tunesmith.data import mix
+
+    srcs = mix.sources(train)
+    if all(s.plain for s in srcs):
+        records = load_records([s.path for s in srcs], **read)
+        return split_records(records, eval_split, seed) if eval_split > 0 else (records, [])
+    groups = [load_records(s.path, **read) for s in srcs]
+    held: list[Record] = []
+    if eval_split > 0:
+        train_part, held_part = split_records([(g, r) for g, recs in enumerate(groups) for r in recs], eval_split, seed)
+        groups = [[r for g, r in train_part if g == i] for i in range(len(groups))]
+        held = [r for _, r in held_part]
+    return mix.mix(groups, srcs, seed), held
+
+
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Deterministic split: ``round(fraction * n)`` records (at least 1) go to eval.
 

@@ -52,7 +52,7 @@ def _as_list(x) -> list[str]:
 
 def heldout_records(run: Run | None, kinds: set[str], suite: str) -> list[dict]:
     """The run's eval records, as training selected them."""
-    from tunesmith.data.validate import load_records, split_records
+    from tunesmith.data.validate import load_records, load_training
 
     if run is None:
         raise TunesmithError(f"the {suite} suite needs held-out records: pass --data FILE (or {suite}=FILE), or "
@@ -63,7 +63,7 @@ def heldout_records(run: Run | None, kinds: set[str], suite: str) -> list[dict]:
         return load_records(_as_list(data["eval"]), **read)
     if (data.get("eval_split") or 0) > 0:
         seed = (run.config.get("train") or {}).get("seed", 0)
-        return split_records(load_records(_as_list(data["train"]), **read), data["eval_split"], seed)[1]
+        return load_training(data["train"], data["eval_split"], seed, **read)[1]  # as training held them out
     raise TunesmithError(f"run {run.dir} kept no held-out records (no data.eval, data.eval_split 0); pass --data FILE")
 
 

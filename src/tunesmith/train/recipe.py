@@ -25,6 +25,7 @@ import torch
 
 from tunesmith import console, hardware
 from tunesmith.config import RunConfig, TrainConfig, dump_yaml
+from tunesmith.data import mix
 from tunesmith.errors import TunesmithError
 from tunesmith.files import FolderLock, atomic_dir, dumps, folder_hash, sha256_file, weights_hash, write_text_atomic
 from tunesmith.models import load_model, load_tokenizer, resolve_model
@@ -81,19 +82,18 @@ class Prepared:
 
 def prepare_data(cfg: RunConfig, tokenizer, method: MethodRow | None = None) -> Prepared:
     """Read, validate and prepare the train and eval splits for the run's method."""
-    from tunesmith.data.validate import load_records, split_records
+    from tunesmith.data.validate import load_records, load_training
 
     method = method or row(cfg)
     # with the tokenizer, a special token inside a record's text is refused at file:line:field
     read = dict(format=cfg.data.format, columns=cfg.data.columns, expect=set(method.kinds), tokenizer=tokenizer,
                 special_tokens_in_content=cfg.data.special_tokens_in_content)
-    train_recs = load_records(_as_list(cfg.data.train), **read)
+    train_recs, eval_recs = load_training(cfg.data.train, 0.0 if cfg.data.eval else cfg.data.eval_split,
+                                          cfg.train.seed, **read)
     if cfg.data.eval:
         eval_recs = load_records(_as_list(cfg.data.eval), **read)
-    elif cfg.data.eval_split > 0:
-        train_recs, eval_recs = split_records(train_recs, cfg.data.eval_split, cfg.train.seed)
-    else:
-        eval_recs = []
+    elif eval_recs:
+        _split_overlap(train_recs, eval_recs)
     train = method.prepare(train_recs, tokenizer, cfg, "training")
     evals = method.prepare(eval_recs, tokenizer, cfg, "eval")
     if eval_recs and not evals.items:
@@ -102,6 +102,20 @@ def prepare_data(cfg: RunConfig, tokenizer, method: MethodRow | None = None) -> 
                              f"data.max_length or shorten the eval records")
     return Prepared(train.items, evals.items, train.lengths, train.dropped, train.truncated, train.trained,
                     train.formatting)
+
+
+def _split_overlap(train_recs: list, eval_recs: list) -> None:
+    """``data.eval_split`` checked as ``data curate`` checks its split: train records sharing
+    a 13-word span with a held-out one make the eval loss look better than it is (said, not
+    changed: the run trains on what it was given)."""
+    from tunesmith.data.curate import split_overlap
+
+    n, example = split_overlap(train_recs, eval_recs)
+    if n:
+        console.warn(f"data.eval_split: {n} of {len(train_recs)} train records share a 13-word span with a held-out "
+                     f"record (e.g. \"{example}\"), so the eval loss flatters the model; curate the data first "
+                     f"(tunesmith data curate FILE --split {len(eval_recs) / (len(train_recs) + len(eval_recs)):.2g}) "
+                     f"and train on its OUT-train.jsonl with data.eval: OUT-eval.jsonl")
 
 
 # ---------------------------------------------------------------- model and reference
@@ -242,7 +256,7 @@ def _validate(cfg: RunConfig, out: Path, resume: bool) -> MethodRow:
     method = row(cfg)
     if _qlora(cfg):
         check_qlora_supported()
-    for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval):
+    for f in mix.paths(cfg.data.train) + _as_list(cfg.data.eval):
         if not Path(f).is_file():
             raise TunesmithError(f"data file {f} does not exist" + (" (it is a folder)" if Path(f).is_dir() else "")
                                  + "; check data.train / data.eval")
@@ -261,7 +275,7 @@ def inputs_of(cfg: RunConfig, data_hashes: dict[str, str], model_dir: Path, toke
     the tokenizer's files and the chat template in use, taken when the run starts.
     Recorded in every checkpoint, so that ``--resume`` notices a replaced file (eval files
     may change: they do not train)."""
-    out = {f"data file {f}": data_hashes[f] for f in _as_list(cfg.data.train)}
+    out = {f"data file {f}": data_hashes[f] for f in mix.paths(cfg.data.train)}
     out["tokenizer"] = folder_hash(model_dir, tokenizer_files(model_dir))
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
         tokenizer.chat_template, sort_keys=True)
@@ -431,7 +445,7 @@ def _train(cfg: RunConfig, method: MethodRow, accelerator, resume: bool, force_r
     model_dir = resolve_model(cfg.model)  # converts the embedded model once, if needed
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     template_source = ensure_chat_template(tokenizer, cfg.data.chat_template)
-    data_hashes = {f: sha256_file(f) for f in _as_list(cfg.data.train) + _as_list(cfg.data.eval)}
+    data_hashes = {f: sha256_file(f) for f in mix.paths(cfg.data.train) + _as_list(cfg.data.eval)}
     data = prepare_data(cfg, tokenizer, method)
     inputs = inputs_of(cfg, data_hashes, model_dir, tokenizer)
     if data.dropped and is_main:
