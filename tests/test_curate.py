@@ -195,7 +195,7 @@ def test_cli_on_the_shared_demos_and_bad_input(tmp_path):
     rows[700] = '{"instruction": "cut off'
     (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
     before = (tmp_path / "clean.jsonl").read_bytes()
-    proc = _cli("bad.jsonl", "-o", "clean.jsonl", "--overwrite", cwd=tmp_path)
+    proc = _cli("bad.jsonl", "-o", "clean.jsonl", "--overwrite", "--workers", "2", cwd=tmp_path)  # sent back by a worker
     assert proc.returncode != 0 and "bad.jsonl:701" in proc.stderr and "invalid JSON" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and (tmp_path / "clean.jsonl").read_bytes() == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # no half-written file left
@@ -370,10 +370,12 @@ def test_mix_takes_weights_and_counts_seeded(tmp_path):
     srcs = [{"path": str(tmp_path / "a.json"), "weight": 0.5}, {"path": str(tmp_path / "b.json"), "count": 25}]
     result = curate([], tmp_path / "m.jsonl", cfg=CurateConfig(mix=srcs, **settings))
     out = lines(tmp_path / "m.jsonl")
-    kept = result.report["sources"]["after"]
-    assert result.report["mix"][str(tmp_path / "a.json")] == {"kept": kept[str(tmp_path / "a.json")],
-                                                            "asked": "weight 0.5", "out": round(0.5 * kept[str(tmp_path / "a.json")])}
+    mixed_a = result.report["mix"][str(tmp_path / "a.json")]
+    assert mixed_a["asked"] == "weight 0.5" and mixed_a["out"] == round(0.5 * mixed_a["kept"])
+    assert result.report["sources"]["after"][str(tmp_path / "a.json")] == mixed_a["out"]  # distinct records out
     assert len(out) == sum(v["out"] for v in result.report["mix"].values())
+    left = [r for r in removed_of(tmp_path / "m.jsonl") if r["rule"] == "mix_left_out"]  # said, not lost
+    assert len(left) == mixed_a["kept"] - mixed_a["out"] and {r["evidence"]["mix"] for r in left} == {"weight 0.5"}
     b_texts = Counter(r["messages"][-1]["content"] for r in out if r["messages"][-1]["content"] in
                       {normalise_text(x["output"]) for x in raw[100:110]})
     assert sum(b_texts.values()) == 25 and set(b_texts.values()) <= {2, 3}  # two whole copies + 5 drawn

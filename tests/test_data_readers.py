@@ -199,3 +199,34 @@ def test_deep_nesting_is_refused_with_file_and_line(tmp_path):
     with pytest.raises(RecordProblem) as e:
         read(j)
     assert str(e.value) == f"{j}:4: nested more than 100 levels deep; no record format needs that, flatten it"
+
+
+def test_a_large_json_array_streams_record_by_record(tmp_path, monkeypatch):
+    """Above STREAM_JSON_BYTES a top-level array is decoded from a refilled buffer: the same
+    records for any buffer size (escapes, multi-byte characters and numbers cut at its end),
+    and a syntax error found where it is, at its line, without reading on."""
+    from tunesmith.data import readers
+
+    recs = [{"id": i, "t": "x [ { \" \\u00e9 é 😀" * (i % 4), "n": 1.5e10, "z": [True, None, -0.5]}
+            for i in range(120)]
+    path = tmp_path / "big.json"
+    monkeypatch.setattr(readers, "STREAM_JSON_BYTES", 100)
+    for chunk in (1, 3, 7, 64, 4096):
+        monkeypatch.setattr(readers, "_CHUNK", chunk)
+        for ascii_only in (True, False):
+            path.write_text(json.dumps(recs, indent=1, ensure_ascii=ascii_only), encoding="utf-8")
+            errors: list = []
+            assert [r for _, r in read_raw(path, errors)] == recs and not errors, (chunk, ascii_only)
+    text = json.dumps(recs, indent=1).replace('"id": 5,', '"id": 5 "oops",', 1)
+    path.write_text(text)
+    errors = []
+    assert len(list(read_raw(path, errors))) == 5
+    line = text[:text.index('5 "oops"')].count("\n") + 1
+    assert [str(e) for e in errors] == [f"{path}:{line}: invalid JSON: Expecting ',' delimiter in record 5"]
+
+
+def test_csv_with_old_mac_line_endings(tmp_path):
+    path = tmp_path / "cr.csv"
+    path.write_bytes(b'instruction,output\rhi,there\r"a\rb",c\r')
+    assert list(read_raw(path, [])) == [(2, {"instruction": "hi", "output": "there"}),
+                                        (3, {"instruction": "a\rb", "output": "c"})]

@@ -36,6 +36,11 @@ class DataError(TunesmithError):
         self.file, self.line, self.field, self.reason = str(file), line, field, reason
         super().__init__(self.location() + reason)
 
+    def __reduce__(self):
+        # Exception pickles as cls(*args), which this constructor cannot take: rebuild from
+        # the message and the fields instead (worker processes send these back: data curate).
+        return _restore, (type(self), self.args, dict(self.__dict__))
+
     def location(self) -> str:
         parts = [self.file]
         if self.line is not None:
@@ -43,3 +48,10 @@ class DataError(TunesmithError):
         if self.field:
             parts.append(self.field)
         return ":".join(parts) + ": "
+
+
+def _restore(cls: type, args: tuple, state: dict) -> DataError:
+    err = Exception.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err

@@ -518,8 +518,10 @@ class Pipeline:
         c, cfg = stage.curate, self._curate_config(stage)
         inputs, evals = [str(self._path(f)) for f in c.inputs], [str(self._path(f)) for f in c.eval]
         suites = [str(SUITE_DIR / f"{name}.jsonl") for name in BUILTIN_SUITES] if c.builtin_suites else []
-        files = [*inputs, *(m["path"] for m in cfg.mix if isinstance(m, dict) and m.get("path") not in inputs), *evals]
-        key = self._key(stage, c.model_dump(), files, [])
+        files = [*inputs, *(m["path"] for m in cfg.mix if isinstance(m, dict) and m.get("path") not in inputs), *evals,
+                 *suites]
+        model = (c.model or self.spec.model) if cfg.max_length else None  # whose tokens max_length counts
+        key = self._key(stage, {**c.model_dump(), "model": model}, files, [])
         paths = outputs(self.stage_dir(stage.name) / f"{stage.name}.jsonl", cfg.split > 0)
         if self._skip_or_prepare(stage, key, all(p.exists() for p in paths.values())) == "skip":
             self._skipped(stage, paths["train"])
@@ -528,10 +530,10 @@ class Pipeline:
         self._start(stage, key)
         self.stage_dir(stage.name).mkdir(parents=True, exist_ok=True)
         tokenizer = None
-        if cfg.max_length:
+        if model is not None:
             from tunesmith.models import load_tokenizer
 
-            tokenizer = load_tokenizer(c.model or self.spec.model)
+            tokenizer = load_tokenizer(model)
         result = curate(inputs, paths["train"].with_name(f"{stage.name}.jsonl"), eval_files=evals,
                         suite_files=suites, cfg=cfg, tokenizer=tokenizer)
         made = [paths[k] for k in ("train", "eval") if k in paths]

@@ -66,7 +66,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.files import LineWriter, write_text_atomic
 
 RULES = ("exact_duplicate", "near_duplicate", "contaminated", "empty_response", "repetitive", "refusal",
-         "wrong_language", "truncated", "pii")
+         "wrong_language", "truncated", "pii", "mix_left_out")
 CHUNK = 256           # records per task sent to a worker
 _FILE_BITS = 40       # a kept record's source as one integer: file index << 40 | line
 _PII_EXAMPLES = 50    # kept records with PII listed in the report (all are counted)
@@ -196,18 +196,18 @@ _ANALYSER: Analyser | None = None  # the worker processes' (inherited through fo
 def _analyse_chunk(task: tuple) -> tuple:
     """A worker's task: parse (JSONL) and normalise a chunk of one file's rows through the
     data layer, analyse each record, and send each back as its JSON line.
-    → (file index, [(line, Facts)], errors, kinds)."""
+    → (file index, [(line, Facts)], the chunk's problems in line order, kinds)."""
     from tunesmith.data.formats import normalise_records
     from tunesmith.data.schema import kind_of
 
-    file_index, file, rows, read = task
-    errors: list = []
+    file_index, file, rows, read, errors = task
     nf = normalise_records(_parsed(file, rows, errors), file, errors, **read)
     out = []
     for line, rec in nf.entries:
         facts = _ANALYSER.analyse(rec)
         facts.line, facts.record = json.dumps(facts.record, ensure_ascii=False) + "\n", None
         out.append((line, facts))
+    errors.sort(key=lambda e: (e.line is not None, e.line or 0))
     return file_index, out, errors, [kind_of(rec) for _, rec in nf.entries[:1]]
 
 
@@ -238,28 +238,31 @@ def _rows(path: str, errors: list) -> Iterator[tuple]:
         raise RecordProblem(path, None, "", "file holds no records (only blank lines)", "file")
 
 
-def _chunks(paths: list[str], errors: list, read: dict) -> Iterator[tuple]:
-    """(file index, file, rows, how to normalise them) per ``CHUNK`` rows of each input; the
-    file's format and prompt mode come from its first chunk, as ``data check`` decides them."""
+def _chunks(paths: list[str], read: dict) -> Iterator[tuple]:
+    """(file index, file, rows, how to normalise them, the reader's problems with them) per
+    ``CHUNK`` rows of each input; the file's format and prompt mode come from its first chunk
+    (``data check`` decides them from the whole file). A problem travels with its chunk, so the
+    run stops at the same one whatever the number of workers."""
     from tunesmith.data.formats import normalise_records
     from tunesmith.errors import DataError
 
     for i, path in enumerate(paths):
+        found: list = []
+        rows: list = []
+        fixed = None
         try:
-            rows: list = []
-            fixed = None
-            for row in _rows(path, errors):
+            for row in _rows(path, found):
                 rows.append(row)
                 if len(rows) == CHUNK:
                     fixed = fixed or _file_format(normalise_records(_parsed(path, rows, []), path, [], **read), read)
-                    yield i, path, rows, fixed
-                    rows = []
-            if rows:
-                yield i, path, rows, fixed or _file_format(normalise_records(_parsed(path, rows, []), path, [], **read),
-                                                           read)
+                    yield i, path, rows, fixed, found[:]
+                    rows, found[:] = [], []
         except DataError as e:  # the file as a whole cannot be read
-            errors.append(e)
+            yield i, path, rows, fixed or read, [*found, e]
             return
+        if rows or found:
+            yield i, path, rows, fixed or _file_format(normalise_records(_parsed(path, rows, []), path, [], **read),
+                                                       read), found[:]
 
 
 def _file_format(nf, read: dict) -> dict:
@@ -367,7 +370,7 @@ def _first_pass(paths: list[str], cfg: CurateConfig, analyser: Analyser, workers
     kinds: dict[int, str] = {}
     _ANALYSER = analyser
     try:
-        with closing(_in_order(_chunks(paths, errors, read), workers)) as stream:
+        with closing(_in_order(_chunks(paths, read), workers)) as stream:
             _decide_all(stream, paths, decide, errors, kinds, kept, removed)
     finally:
         _ANALYSER = None
@@ -608,9 +611,16 @@ def _reshape(decide: Decisions, cfg: CurateConfig, srcs: list[mixing.Source], ke
     times, mixed = _mix(decide, srcs, train, cfg.seed)
     if any(not s.plain for s in srcs):
         report["mix"] = mixed
+    train_set = set(train)
     for i, line in _lines(kept.tmp):
         for _ in range(times.get(i, 0)):
             writers["train"].write(line)
+        if i in train_set and i not in times:  # a weight below 1 or a count left it out: said, not lost
+            asked = mixed[srcs[decide.source[i]].path]["asked"]
+            entry = decide.removed("mix_left_out", decide.name(decide.where[i]), {"mix": asked})
+            writers["removed"].write(json.dumps(entry, ensure_ascii=False)[:-1] + ', "record": ' + line.rstrip("\n")
+                                     + "}\n")
+            decide.after.sources[decide.files[decide.source[i]]] -= 1
     if cfg.split > 0:
         report["split"]["train"] = writers["train"].lines
     return report

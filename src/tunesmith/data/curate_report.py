@@ -95,7 +95,7 @@ def _reshaped(report: dict) -> str:
         s = report["split"]
         rows = "".join(f"<tr><td>{_e(k)}</td><td class=num>{v}</td></tr>" for k, v in s["by_source"].items())
         out += (f"<h2>Split</h2><p>{s['train']} train, {s['eval']} held out (per source below); train records "
-                f"sharing a 13-word span with a held-out one were removed as contaminated.</p><table id=split>{rows}</table>")
+                f"sharing a {report['config']['ngram']}-word span with a held-out one were removed as contaminated.</p><table id=split>{rows}</table>")
     if report.get("mix"):
         rows = "".join(f"<tr><td>{_e(k)}</td><td class=num>{v['kept']}</td><td>{_e(v['asked'])}</td>"
                        f"<td class=num>{v['out']}</td></tr>" for k, v in report["mix"].items())

@@ -331,7 +331,7 @@ class EvalIndex:
     def add(self, items: Iterable[tuple[str, str]], whole: bool) -> None:
         for where, text in items:
             g = Grams([text])
-            if g.n < self.m or (g.n < self.n and not whole):
+            if g.n < min(self.m, self.n) or (g.n < self.n and not whole):
                 continue
             item = len(self.items)
             self.items.append(where)

@@ -309,8 +309,8 @@ def _stream_json_array(path: Path, errors: list[DataError]) -> Iterator[tuple[in
                 if pos < len(buf) or not fill():
                     return buf[pos:pos + 1]
 
-        def fail(why: str) -> RecordProblem:
-            return RecordProblem(file, lines + buf.count("\n", 0, pos) + 1, "", why, "json")
+        def fail(why: str, at: int | None = None) -> RecordProblem:
+            return RecordProblem(file, lines + buf.count("\n", 0, pos if at is None else at) + 1, "", why, "json")
 
         try:
             skip()
@@ -334,8 +334,11 @@ def _stream_json_array(path: Path, errors: list[DataError]) -> Iterator[tuple[in
                         if end < len(buf) or eof:  # a number at the buffer's end may go on
                             break
                     except json.JSONDecodeError as e:
-                        if eof or len(buf) - pos > _MAX_RECORD:
-                            errors.append(fail(f"invalid JSON: {e.msg} in record {index}"))
+                        # only a record cut off by the buffer's end fails at that end (or as a
+                        # string never closed): any other error is the file's, found here
+                        cut = e.pos >= len(buf) - 8 or e.msg.startswith("Unterminated string")  # 8: "\\uXXXX" cut
+                        if eof or not cut or len(buf) - pos > _MAX_RECORD:
+                            errors.append(fail(f"invalid JSON: {e.msg} in record {index}", e.pos))
                             return
                     except RecursionError:
                         errors.append(fail(_TOO_DEEP))
@@ -406,12 +409,31 @@ def _json_records(obj: Any, file: str) -> list[Any]:
 # --- CSV ----------------------------------------------------------------------------
 
 
+_EOL = re.compile(rb"\r\n|\n|\r")
+
+
+def _physical_lines(f) -> Iterator[bytes]:
+    """Lines ending in \n, \r\n or a lone \r (old Mac files), each with its ending, as a text
+    reader with newline="" splits them — read 1 MiB at a time."""
+    rest = b""
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        data, start = rest + chunk, 0
+        for m in _EOL.finditer(data):
+            if m.group() == b"\r" and m.end() == len(data):  # its \n may open the next chunk
+                break
+            yield data[start:m.end()]
+            start = m.end()
+        rest = data[start:]
+    if rest:
+        yield rest
+
+
 def _csv_lines(path: Path, errors: list[DataError]) -> Iterator[str]:
     """The file's lines, decoded one at a time (streamed: a large CSV is never held whole);
     an invalid byte is reported at its line and file offset, as for any file."""
     offset = 0
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(_physical_lines(f), start=1):
             start, offset = offset, offset + len(raw)
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw, start = raw[3:], start + 3
@@ -465,7 +487,7 @@ def _read_csv(path: Path, errors: list[DataError], warnings: list[DataError]) ->
                 continue
             n += 1
             yield start, dict(zip(header, row))
-        if header is None:
+        if header is None and not errors:
             raise RecordProblem(file, None, "", "file is empty; it holds no records", "file")
         if n == 0 and not errors:
             raise RecordProblem(file, None, "", "file has a header but no records", "file")
@@ -487,7 +509,14 @@ def _read_parquet(path: Path, errors: list[DataError], warnings: list[DataError]
         raise RecordProblem(str(path), None, "", "file holds no records", "file")
     # Batch by batch keeps memory to one batch at a time for large files.
     i = 0
-    for batch in table.iter_batches(batch_size=1024):
+    batches = table.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group further on
+            raise RecordProblem(str(path), i, "", f"cannot read as Parquet from record {i} on ({e})", "file") from None
+        if batch is None:
+            return
         for row in batch.to_pylist():
             yield i, row
             i += 1

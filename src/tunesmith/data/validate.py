@@ -288,7 +288,8 @@ def load_training(train: Any, eval_split: float, seed: int, **read: Any) -> tupl
     if all(s.plain for s in srcs):
         records = load_records([s.path for s in srcs], **read)
         return split_records(records, eval_split, seed) if eval_split > 0 else (records, [])
-    groups = [load_records(s.path, **read) for s in srcs]
+    # a source asked for nothing (weight or count 0) gives none to the held-out part either
+    groups = [load_records(s.path, **read) if s.weight != 0 and s.count != 0 else [] for s in srcs]
     held: list[Record] = []
     if eval_split > 0:
         train_part, held_part = split_records([(g, r) for g, recs in enumerate(groups) for r in recs], eval_split, seed)

@@ -110,11 +110,12 @@ def _split_overlap(train_recs: list, eval_recs: list) -> None:
     changed: the run trains on what it was given)."""
     from tunesmith.data.curate import split_overlap
 
-    n, example = split_overlap(train_recs, eval_recs)
+    unique = list({id(r): r for r in train_recs}.values())  # a mix's copies count once
+    n, example = split_overlap(unique, eval_recs)
     if n:
-        console.warn(f"data.eval_split: {n} of {len(train_recs)} train records share a 13-word span with a held-out "
+        console.warn(f"data.eval_split: {n} of {len(unique)} train records share a 13-word span with a held-out "
                      f"record (e.g. \"{example}\"), so the eval loss flatters the model; curate the data first "
-                     f"(tunesmith data curate FILE --split {len(eval_recs) / (len(train_recs) + len(eval_recs)):.2g}) "
+                     f"(tunesmith data curate FILE --split {len(eval_recs) / (len(unique) + len(eval_recs)):.2g}) "
                      f"and train on its OUT-train.jsonl with data.eval: OUT-eval.jsonl")
 
 
