@@ -200,8 +200,9 @@ def test_role_order_and_empty_response_all_collected():
      "1:tools: tools is not valid JSON (Expecting property name enclosed in double quotes at column 3)"),
     ({"prompt": "q", "completion": "a", "label": "maybe"}, "1:label: label must be true or false (or 1/0), got 'maybe'"),
     ({"prompt": "q", "response": "   "}, "1:response: response is empty or whitespace-only"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "x"}]},
-     "1:messages.0.content: messages.0.content is a list, not a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]},  # text and images only
+                   {"role": "assistant", "content": "x"}]},
+     "1:messages.0.content.0: content part of type 'audio'"),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                    {"role": "assistant", "content": "a"}], "system": "other"},
      "1:system: both a system column and a system message (messages.0); keep one"),

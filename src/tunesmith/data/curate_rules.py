@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from tunesmith.data.images import text_of
 from tunesmith.data.schema import Record
 from tunesmith.errors import TunesmithError
 
@@ -150,6 +151,8 @@ def map_text(rec: Record, fn, tool_arguments: bool = False) -> Record:
             msgs = []
             for m in rec[key]:
                 m = {**m, **{k: fn(m[k]) for k in ("content", "reasoning") if isinstance(m.get(k), str)}}
+                if isinstance(m.get("content"), list):  # image parts (data.images): their text parts
+                    m["content"] = [{**p, "text": fn(p["text"])} if p.get("type") == "text" else p for p in m["content"]]
                 if tool_arguments and isinstance(m.get("tool_calls"), list):
                     m["tool_calls"] = [_arguments(fn, c) for c in m["tool_calls"]]
                 msgs.append(m)
@@ -165,7 +168,7 @@ def _contents(messages: Any, roles: tuple[str, ...] | None = None) -> list[str]:
     out = []
     for m in messages or ():
         if roles is None or m.get("role") in roles:
-            text = "\n".join(t for t in (m.get("reasoning"), m.get("content")) if isinstance(t, str) and t)
+            text = "\n".join(t for t in (m.get("reasoning"), text_of(m.get("content"))) if isinstance(t, str) and t)
             if text or not m.get("tool_calls"):
                 out.append(text)
     return out
@@ -387,6 +390,8 @@ def _texts(rec: Record) -> Iterable[str]:
     for key in ("messages", "prompt", "chosen", "rejected", "completion"):
         for m in rec.get(key) or () if isinstance(rec.get(key), list) else ():
             yield from (m[k] for k in ("content", "reasoning") if isinstance(m.get(k), str))
+            if isinstance(m.get("content"), list):
+                yield text_of(m["content"])
             for call in m.get("tool_calls") or () if isinstance(m.get("tool_calls"), list) else ():
                 if isinstance(call, dict) and isinstance(call.get("function"), dict):
                     yield from _strings(call["function"].get("arguments"))

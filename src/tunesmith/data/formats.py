@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.images import attach as attach_images
 from tunesmith.data.messages import (_check_prompt, _check_response, _check_turns, _Ctx, _describe,
                                      _maybe_json, _messages, canonical_reasoning)
 from tunesmith.data.readers import SUFFIXES, unsafe_value
@@ -480,6 +481,10 @@ def normalise_records(rows: list[tuple[int, Any]], file: str, errors: list[DataE
         if res is None or ctx.n:
             continue
         rec, used = res
+        if "images" in raw or ("image" in raw and "conversations" in raw):  # LLaMA-Factory, LLaVA
+            used = set(used) | attach_images(ctx, rec, raw)
+            if ctx.n:
+                continue
         if tools:
             rec["tools"] = tools
         meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}

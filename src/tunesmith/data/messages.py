@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tunesmith.data.images import content_parts
 from tunesmith.data.readers import RecordProblem
 from tunesmith.data.schema import Message
 from tunesmith.errors import DataError
@@ -103,7 +104,7 @@ def canonical_reasoning(ctx: "_Ctx", m: dict, path: str, names: dict[str, str] |
             ctx.err(f"{path}.{found[0][0]}", "only assistant messages carry reasoning; remove it from this "
                     f"{m['role']} message", "reasoning")
         return
-    inline, answer = split_reasoning(m.get("content") or "")
+    inline, answer = split_reasoning(m.get("content") if isinstance(m.get("content"), str) else "")
     if inline is not None:
         found.append(("content", inline))
         m["content"] = answer
@@ -201,9 +202,16 @@ def _messages(ctx: _Ctx, value: Any, base: str) -> tuple[list[Message], list[str
             ctx.err(f"{path}.{ck}", f"missing {ck} in {path}; every message needs a {ck} string",
                     "missing_field")
             continue
-        if not isinstance(content, str):
-            ctx.err(f"{path}.{ck}", f"{path}.{ck} is {_describe(content)}, not a string; quote it "
-                    "(multimodal content lists are not supported: join the text parts)", "type")
+        if isinstance(content, list):  # OpenAI / transformers content parts: text and images
+            content = content_parts(ctx, content, f"{path}.{ck}")
+            if content is None:
+                continue
+            if not isinstance(content, str) and role != "user":
+                ctx.err(f"{path}.{ck}", f"a {role} message holds an image; images go in user turns", "image")
+                continue
+        if not isinstance(content, str) and not isinstance(content, list):
+            ctx.err(f"{path}.{ck}", f"{path}.{ck} is {_describe(content)}, not a string; quote it (or give a list "
+                    "of content parts)", "type")
             continue
         msgs.append({"role": role, "content": content, **extra})
         canonical_reasoning(ctx, msgs[-1], path)
@@ -236,7 +244,8 @@ def _check_turns(ctx: _Ctx, msgs: list[Message], paths: list[str], *, start: int
             why = "a tool message must follow an assistant message with tool_calls (ShareGPT: function_call)"
         if why:
             ctx.err(paths[i], why, "role_order")
-        elif role in ("user", "assistant") and not m.get("tool_calls") and not m["content"].strip():
+        elif role in ("user", "assistant") and not m.get("tool_calls") and isinstance(m["content"], str) \
+                and not m["content"].strip():
             ctx.err(paths[i], f"empty or whitespace-only {role} message; give it text or drop the record",
                     "empty")
 

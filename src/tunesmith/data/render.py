@@ -182,6 +182,10 @@ def _call(call: dict, as_string: bool = False) -> dict:
 def prepare(messages: list[Message], tools, tokenizer, opts: ChatOptions = DEFAULT_OPTIONS,
             adapt: frozenset = frozenset()) -> tuple[list[Message], Any, dict[int, int]]:
     """(messages and tools as this template renders them, record index → prepared index)."""
+    if any(isinstance(m.get("content"), list) for m in messages):  # image parts (data.images)
+        raise TunesmithError("a record holds images, which a text model's chat template cannot show; tunesmith "
+                             "reads and checks image data (data check, data curate) but does not train or generate "
+                             "with images yet — use text-only records for this model")
     native_calls, key = renders_tool_calls(tokenizer), reasoning_key(tokenizer)
     out: list[Message] = []
     where: dict[int, int] = {}

@@ -13,7 +13,9 @@ kind         keys                                        used by
              label: bool, tools?: [dict]
 "prompt"     prompt: [Message], tools?: [dict]            online RL (GRPO): prompt only
 
-Message = {"role": "system"|"user"|"assistant"|"tool", "content": str,
+Message = {"role": "system"|"user"|"assistant"|"tool", "content": str (or, for a user turn holding
+           images, a list of parts [{"type": "text", "text": str} | {"type": "image", "image":
+           absolute path or data: URI}], see data/images.py),
            "tool_calls"?: [{"type": "function", "function": {"name": str, "arguments": dict|str}}],
            "name"?: str, "tool_call_id"?: str}
 

@@ -70,6 +70,7 @@ class FileReport:
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (line, line of first occurrence)
     tokens: TokenStats | None = None
     entries: list[tuple[int, Record]] = field(default_factory=list, repr=False)
+    images: dict | None = None  # {count, files, records, min, max, formats} when records hold images
 
     @property
     def reasoning_turns(self) -> int:
@@ -99,6 +100,7 @@ class FileReport:
             "duplicates": [{"line": a, "first": b} for a, b in self.duplicates],
             "reasoning_turns": self.reasoning_turns,
             "tokens": self.tokens.to_dict() if self.tokens else None,
+            "images": self.images,
         }
 
 
@@ -148,10 +150,38 @@ def check_file(path: str | Path, *, format: str | None = None, columns: dict[str
             rep.duplicates.append((line, first))
             rep.warnings.append(RecordProblem(rep.file, line, "", f"duplicate of the record at {unit} {first}",
                                               "duplicate"))
+    check_images(rep)
     if tokenizer is not None:
         rep.tokens = token_stats(rep, tokenizer, max_length, special_tokens_in_content, chat)
     rep.errors.sort(key=lambda e: (e.line is not None, e.line or 0))
     return rep
+
+
+def check_images(rep: FileReport) -> None:
+    """Open every image the records name (once per picture): a missing, undecodable or absurdly
+    sized one is an error at its ``file:line:field``; sizes go to ``rep.images``."""
+    from tunesmith.data.images import images_of, open_image
+
+    seen: dict[str, tuple | str] = {}
+    count, records = 0, 0
+    for line, rec in rep.entries:
+        refs = images_of(rec)
+        records += bool(refs)
+        for fld, ref in refs:
+            count += 1
+            if ref not in seen:
+                try:
+                    seen[ref] = open_image(ref)
+                except ValueError as e:
+                    seen[ref] = str(e)
+            if isinstance(seen[ref], str):
+                rep.errors.append(RecordProblem(rep.file, line, fld, seen[ref], "image"))
+    sizes = [v for v in seen.values() if not isinstance(v, str)]
+    if count:
+        rep.images = {"count": count, "files": len(seen), "records": records,
+                      "min": f"{min(w for w, _, _ in sizes)}x{min(h for _, h, _ in sizes)}" if sizes else None,
+                      "max": f"{max(w for w, _, _ in sizes)}x{max(h for _, h, _ in sizes)}" if sizes else None,
+                      "formats": sorted({f for _, _, f in sizes})}
 
 
 def check_files(paths: Iterable[str | Path], **kw: Any) -> Report:
@@ -183,7 +213,11 @@ def token_stats(rep: FileReport, tokenizer, max_length: int | None, special: str
     st = TokenStats(max_length)
     lengths = []
     formatting = Formatting()
+    from tunesmith.data.images import has_images
+
     for line, rec in rep.entries:
+        if has_images(rec):  # a text model's template cannot show them: counted in rep.images instead
+            continue
         try:  # untruncated first, so the report sees the full lengths
             exs, conv = _tokenize(rec, tokenizer, None, special, chat)
             cut = _tokenize(rec, tokenizer, max_length, special, chat)[0] if max_length is not None else exs
@@ -352,6 +386,11 @@ def render_report(report: Report, *, limit: int = 20):
         counts = f.problems()
         if counts:
             parts.append(Text("  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))))
+        if f.images:
+            im = f.images
+            parts.append(Text(f"  images: {im['count']} in {im['records']} record(s), {im['files']} distinct file(s)"
+                              + (f", {im['min']} to {im['max']} pixels ({', '.join(im['formats'])})" if im["min"]
+                                 else "")))
         if f.tokens and f.tokens.count:
             t = f.tokens
             tab = Table(box=None, padding=(0, 2), show_header=True)
