@@ -98,10 +98,14 @@ def test_every_image_format_people_have(tmp_path):
     ({"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "x"}],
       "images": ["pics/broken.png"]}, "messages.0.content.0", "is not an image Pillow can decode"),
     ({"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "x"}],
-      "images": ["pics/strip.png"]}, "messages.0.content.0", "the image is 20000x1 pixels"),
+      "images": ["pics/strip.png"]}, "messages.0.content.0", "strip.png is 20000x1 pixels"),
+    ({"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "x"}],
+      "images": ["pics/half.jpg"]}, "messages.0.content.0", "is not an image Pillow can decode"),
     ({"messages": [{"role": "user", "content": "What?"},
                    {"role": "assistant", "content": [{"type": "image", "image": "pics/a.png"}]}]},
-     "messages.1.content", "a assistant message holds an image"),
+     "messages.1.content", "an image in a assistant message"),
+    ({"messages": [{"role": "user", "content": "look"}, {"role": "assistant", "content": "<image> here"}],
+      "images": ["pics/a.png"]}, "images", "a assistant turn holds <image>; images go in user turns"),
     ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]},
                    {"role": "assistant", "content": "x"}]}, "messages.0.content.0", "content part of type 'audio'"),
 ])
@@ -109,11 +113,32 @@ def test_bad_images_are_one_sentence_at_their_field(tmp_path, record, field, say
     png(tmp_path / "pics" / "a.png")
     (tmp_path / "pics" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     Image.new("L", (20000, 1)).save(tmp_path / "pics" / "strip.png")
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buf, format="JPEG")
+    (tmp_path / "pics" / "half.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])  # cut off
     (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
     rep = check_file(tmp_path / "d.jsonl")
     assert not rep.ok
     e = rep.errors[0]
     assert e.line == 1 and e.field == field and says in e.reason, (e.field, e.reason)
+
+
+def test_an_empty_images_column_is_no_image_and_text_records_stay_text(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi <image> there"}, {"role": "assistant", "content": "x"}],
+             "images": None},
+            {"messages": [{"role": "user", "content": "plain"}, {"role": "assistant", "content": "y"}], "images": []},
+            {"text": "a document", "images": ["a.png"]}]
+    for i, row in enumerate(rows):
+        (tmp_path / f"{i}.jsonl").write_text(json.dumps(row) + "\n")
+        (rec,) = load_records(tmp_path / f"{i}.jsonl")
+        assert not has_images(rec) and rec.get("meta", {}).get("images") == row["images"]
+    assert load_records(tmp_path / "0.jsonl")[0]["messages"][0]["content"] == "hi <image> there"  # text, as written
+    (tmp_path / "pics").mkdir()
+    png(tmp_path / "pics" / "a.png")
+    (tmp_path / "d.csv").write_text('messages,images\n"[{""role"": ""user"", ""content"": ""<image>What?""}, '
+                                    '{""role"": ""assistant"", ""content"": ""Red.""}]","[""pics/a.png""]"\n')
+    (rec,) = load_records(tmp_path / "d.csv")  # a JSON list in a CSV cell
+    assert images_of(rec) == [("messages.0.content.0", str(tmp_path / "pics" / "a.png"))]
 
 
 def test_a_text_model_refuses_image_records_in_one_sentence(tmp_path):

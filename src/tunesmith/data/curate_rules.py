@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tunesmith.data.images import text_of
+from tunesmith.data.images import has_images, images_of, text_of
 from tunesmith.data.schema import Record
 from tunesmith.errors import TunesmithError
 
@@ -520,7 +520,8 @@ class Analyser:
         if cfg.normalise:
             rec = map_text(rec, normalise_text)
         prompt, responses = prompt_and_responses(rec)
-        whole = Grams([prompt, *responses])  # every part's words, hashed once
+        pictures = " ".join(ref for _, ref in images_of(rec))  # the same question on another picture is no copy
+        whole = Grams([prompt, *responses, *([pictures] if pictures else [])])  # every part's words, hashed once
         key = exact_key(rec) if cfg.exact_duplicates else None
         sig = signature(whole, self.minhash) if self.minhash is not None else None
         verdict, language = None, None
@@ -536,7 +537,7 @@ class Analyser:
                     and confidence >= cfg.min_language_confidence:
                 verdict = "wrong_language", {"language": language, "confidence": round(confidence, 3),
                                              "languages": cfg.languages}
-        tokens = tokens_of(rec, self.tokenizer) if self.tokenizer is not None else None
+        tokens = tokens_of(rec, self.tokenizer) if self.tokenizer is not None and not has_images(rec) else None
         if verdict is None and cfg.max_length and tokens is not None and tokens > cfg.max_length:
             verdict = "truncated", {"tokens": tokens, "max_length": cfg.max_length}
         found = {k: len(v) for k, v in pii_in(rec).items()} if cfg.pii != "off" else {}

@@ -82,12 +82,12 @@ def resolve(ctx, value: Any, field: str) -> str | None:
         if not _DATA_URI.match(value):
             ctx.err(field, "a data: image must be data:image/<type>;base64,<data>", "image")
             return None
-        return value
+        return "data:" + value[5:]
     if low.startswith("file://"):
         value = value[7:]
     path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = Path(ctx.file).resolve().parent / path
+    if not path.is_absolute():  # beside the data file as the user sees it (a symlinked file: its link's folder)
+        path = Path(ctx.file).absolute().parent / path
     return str(path)
 
 
@@ -134,23 +134,28 @@ def _split(text: str, images: list[str]) -> list[dict]:
 
 def attach(ctx, rec: dict, raw: dict) -> set[str]:
     """Give a record's ``<image>`` placeholders the images of its ``images`` (LLaMA-Factory) or
-    ``image`` (LLaVA) column; → the columns it used."""
+    ``image`` (LLaVA) column; → the columns it used. An empty value (null, "", []) is no image,
+    and a record without a conversation keeps the column in ``meta``."""
+    from tunesmith.data.messages import _describe, _maybe_json
+
     key = "images" if "images" in raw else "image" if "image" in raw else None
-    if key is None:
+    if key is None or not any(isinstance(rec.get(k), list) for k in ("messages", "prompt")):
         return set()
-    value = raw[key]
+    value = _maybe_json(raw[key])  # a CSV cell holds the list as JSON
+    if value is None or value == "" or value == []:
+        return set()
     refs = [value] if isinstance(value, str) else value if isinstance(value, list) else None
     if refs is None:
-        ctx.err(key, f"{key} is {type(value).__name__}; give a list of image paths (one per {PLACEHOLDER})", "image")
+        ctx.err(key, f"{key} is {_describe(value)}; give a list of image paths (one per {PLACEHOLDER})", "image")
         return {key}
     resolved = [resolve(ctx, r, f"{key}.{i}" if key == "images" else key) for i, r in enumerate(refs)]
     if any(r is None for r in resolved):
         return {key}
     msgs = [m for k in ("messages", "prompt", "chosen", "rejected", "completion") for m in rec.get(k) or ()
             if isinstance(rec.get(k), list)]
-    # the prompt's placeholders once: chosen and rejected answer the same picture
+    # user turns of the prompt (chosen and rejected answer the same picture); images go nowhere else
     lists = [rec[k] for k in ("messages", "prompt") if isinstance(rec.get(k), list)]
-    counted = [m for ms in lists for m in ms if isinstance(m.get("content"), str)]
+    counted = [m for ms in lists for m in ms if isinstance(m.get("content"), str) and m.get("role") == "user"]
     n = sum(m["content"].count(PLACEHOLDER) for m in counted)
     if n == 0 and resolved:
         first = next((m for m in counted if m["role"] == "user"), None)
@@ -168,20 +173,27 @@ def attach(ctx, rec: dict, raw: dict) -> set[str]:
         if PLACEHOLDER in m["content"]:
             m["content"] = _split(m["content"], pool)
     for m in msgs:  # placeholders in answers would be images the model is trained to produce
-        if m not in counted and isinstance(m.get("content"), str) and PLACEHOLDER in m["content"]:
-            ctx.err(key, f"a response holds {PLACEHOLDER}; images belong to the prompt", "image")
+        if not any(m is c for c in counted) and isinstance(m.get("content"), str) and PLACEHOLDER in m["content"]:
+            ctx.err(key, f"a {m.get('role')} turn holds {PLACEHOLDER}; images go in user turns", "image")
+            break
     return {key}
 
 
 def open_image(ref: str) -> tuple[int, int, str]:
     """(width, height, format) of an image that decodes; raises ValueError with the reason."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    name = "the data: image" if ref.startswith("data:") else ref
     if ref.startswith("data:"):
         try:
             data = base64.b64decode(ref[ref.index(",") + 1:], validate=True)
         except (binascii.Error, ValueError):
-            raise ValueError("its base64 data does not decode") from None
+            raise ValueError("the data: image's base64 does not decode; encode the file again (base64, no "
+                             "line breaks)") from None
+        if len(data) > MAX_BYTES:
+            raise ValueError(f"the data: image is {len(data) >> 20} MiB; resize it under {MAX_BYTES >> 20} MiB")
         source: Any = io.BytesIO(data)
     else:
         path = Path(ref)
@@ -192,13 +204,14 @@ def open_image(ref: str) -> tuple[int, int, str]:
                              f"a training picture — resize it")
         source = path
     try:
-        with Image.open(source) as im:
-            im.verify()  # the whole file, not just its header
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(data)) as im:
-            w, h, fmt = im.width, im.height, im.format or "?"
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{'the data: image' if ref.startswith('data:') else ref} is not an image Pillow can "
-                         f"decode ({e}); re-save it as PNG or JPEG") from None
-    if max(w, h) > MAX_SIDE or min(w, h) < 2:
-        raise ValueError(f"the image is {w}x{h} pixels; give pictures between 2 and {MAX_SIDE} pixels a side")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is judged below
+            with Image.open(source) as im:
+                w, h, fmt = im.width, im.height, im.format or "?"
+                if max(w, h) > MAX_SIDE or min(w, h) < 2:  # before decoding: a huge one never loads
+                    raise ValueError(f"{name} is {w}x{h} pixels; give pictures between 2 and {MAX_SIDE} pixels "
+                                     f"a side")
+                im.load()  # every pixel: a truncated JPEG fails here (verify() does not read JPEG data)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name} is not an image Pillow can decode ({e}); re-save it as PNG or JPEG") from None
     return w, h, fmt

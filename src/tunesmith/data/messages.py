@@ -207,7 +207,7 @@ def _messages(ctx: _Ctx, value: Any, base: str) -> tuple[list[Message], list[str
             if content is None:
                 continue
             if not isinstance(content, str) and role != "user":
-                ctx.err(f"{path}.{ck}", f"a {role} message holds an image; images go in user turns", "image")
+                ctx.err(f"{path}.{ck}", f"an image in a {role} message; images go in user turns", "image")
                 continue
         if not isinstance(content, str) and not isinstance(content, list):
             ctx.err(f"{path}.{ck}", f"{path}.{ck} is {_describe(content)}, not a string; quote it (or give a list "
