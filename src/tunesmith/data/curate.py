@@ -60,7 +60,7 @@ import numpy as np
 
 from tunesmith.data import mix as mixing
 from tunesmith.data.curate_report import Counts, summary
-from tunesmith.data.curate_rules import Analyser, EvalIndex, Facts, Grams, prompt_and_responses
+from tunesmith.data.curate_rules import Analyser, EvalIndex, Facts, Grams, prompt_and_responses, strings
 from tunesmith.data.schema import Record
 from tunesmith.errors import TunesmithError
 from tunesmith.files import LineWriter, write_text_atomic
@@ -150,17 +150,6 @@ class Result:
 # ---------------------------------------------------------------- eval texts
 
 
-def _strings(x: Any) -> Iterator[str]:
-    if isinstance(x, str):
-        yield x
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _strings(v)
-    elif isinstance(x, list):
-        for v in x:
-            yield from _strings(v)
-
-
 def eval_texts(paths: list[str]) -> list[tuple[str, str]]:
     """(``file:line``, text) of every string of every eval record — prompts, references,
     messages — in any file tunesmith reads (its own suites' ``{"id", "prompt", …}`` too)."""
@@ -170,7 +159,7 @@ def eval_texts(paths: list[str]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for path in paths:
         errors: list = []
-        out += [(f"{path}:{line}", t) for line, raw in read_raw(path, errors) for t in _strings(raw) if t.strip()]
+        out += [(f"{path}:{line}", t) for line, raw in read_raw(path, errors) for t in strings(raw) if t.strip()]
         if errors:
             raise summarise(errors, [path])
     return out
@@ -212,57 +201,46 @@ def _analyse_chunk(task: tuple) -> tuple:
 
 
 def _parsed(file: str, rows: list, errors: list) -> list:
-    """(line, raw record) of each row; JSONL rows come as (line, offset, bytes), parsed here."""
-    from tunesmith.data.readers import _NO_RECORD, jsonl_record
+    """(line, raw record) of each row; a JSONL file's rows come unparsed, ``(line, (offset,
+    bytes))`` (``read_raw(parse_jsonl=False)``), and are parsed here."""
+    from tunesmith.data.readers import _NO_RECORD, SUFFIXES, jsonl_record
 
-    if not rows or len(rows[0]) == 2:
+    if SUFFIXES.get(Path(file).suffix.lower()) != "jsonl":
         return rows
-    parsed = ((line, jsonl_record(file, line, start, raw, errors)) for line, start, raw in rows)
+    parsed = ((line, jsonl_record(file, line, start, raw, errors)) for line, (start, raw) in rows)
     return [(line, obj) for line, obj in parsed if obj is not _NO_RECORD]
-
-
-def _rows(path: str, errors: list) -> Iterator[tuple]:
-    """A file's rows: JSONL lines unparsed (the workers parse them), any other file's records."""
-    from tunesmith.data.readers import RecordProblem, file_kind, jsonl_lines, read_raw
-
-    p = Path(path)
-    if file_kind(p) != "jsonl":
-        yield from read_raw(p, errors)
-        return
-    if p.stat().st_size == 0:
-        raise RecordProblem(path, None, "", "file is empty; it holds no records", "file")
-    n = 0
-    for n, row in enumerate(jsonl_lines(p), start=1):
-        yield row
-    if n == 0:
-        raise RecordProblem(path, None, "", "file holds no records (only blank lines)", "file")
 
 
 def _chunks(paths: list[str], read: dict) -> Iterator[tuple]:
     """(file index, file, rows, how to normalise them, the reader's problems with them) per
-    ``CHUNK`` rows of each input; the file's format and prompt mode come from its first chunk
-    (``data check`` decides them from the whole file). A problem travels with its chunk, so the
-    run stops at the same one whatever the number of workers."""
+    ``CHUNK`` rows of each input (JSONL lines unparsed: the workers parse them); the file's
+    format and prompt mode come from its first chunk (``data check`` decides them from the whole
+    file). A problem travels with its chunk, so the run stops at the same one whatever the
+    number of workers."""
     from tunesmith.data.formats import normalise_records
+    from tunesmith.data.readers import read_raw
     from tunesmith.errors import DataError
 
     for i, path in enumerate(paths):
         found: list = []
         rows: list = []
         fixed = None
+
+        def how() -> dict:  # the first chunk decides
+            return fixed or _file_format(normalise_records(_parsed(path, rows, []), path, [], **read), read)
+
         try:
-            for row in _rows(path, found):
+            for row in read_raw(path, found, parse_jsonl=False):
                 rows.append(row)
                 if len(rows) == CHUNK:
-                    fixed = fixed or _file_format(normalise_records(_parsed(path, rows, []), path, [], **read), read)
+                    fixed = how()
                     yield i, path, rows, fixed, found[:]
                     rows, found[:] = [], []
         except DataError as e:  # the file as a whole cannot be read
             yield i, path, rows, fixed or read, [*found, e]
             return
         if rows or found:
-            yield i, path, rows, fixed or _file_format(normalise_records(_parsed(path, rows, []), path, [], **read),
-                                                       read), found[:]
+            yield i, path, rows, how(), found[:]
 
 
 def _file_format(nf, read: dict) -> dict:

@@ -394,20 +394,21 @@ def _texts(rec: Record) -> Iterable[str]:
                 yield text_of(m["content"])
             for call in m.get("tool_calls") or () if isinstance(m.get("tool_calls"), list) else ():
                 if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                    yield from _strings(call["function"].get("arguments"))
+                    yield from strings(call["function"].get("arguments"))
     if isinstance(rec.get("text"), str):
         yield rec["text"]
 
 
-def _strings(x: Any) -> Iterable[str]:
+def strings(x: Any) -> Iterable[str]:
+    """Every string inside a JSON value (tool arguments, an eval record), depth first."""
     if isinstance(x, str):
         yield x
     elif isinstance(x, dict):
         for v in x.values():
-            yield from _strings(v)
+            yield from strings(v)
     elif isinstance(x, list):
         for v in x:
-            yield from _strings(v)
+            yield from strings(v)
 
 
 def pii_in(rec: Record) -> dict[str, list[str]]:

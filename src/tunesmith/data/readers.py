@@ -35,7 +35,7 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,11 @@ def file_kind(path: Path) -> str:
     return kind
 
 
-def read_raw(path: str | Path, errors: list[DataError], warnings: list[DataError] | None = None
-             ) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line, raw_record)`` from one file; per-line problems go to ``errors``.
+def read_raw(path: str | Path, errors: list[DataError], warnings: list[DataError] | None = None, *,
+             parse_jsonl: bool = True) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line, raw_record)`` from one file; per-line problems go to ``errors``. With
+    ``parse_jsonl`` off, a JSONL file's rows are ``(line, (byte offset, bytes))`` for
+    ``jsonl_record`` to parse elsewhere (``data curate``'s workers), after the same file checks.
 
     Raises ``RecordProblem`` (a ``DataError``) when the file as a whole cannot be read.
 
@@ -101,7 +103,8 @@ def read_raw(path: str | Path, errors: list[DataError], warnings: list[DataError
     if path.stat().st_size == 0:
         raise RecordProblem(str(path), None, "", "file is empty; it holds no records", "file")
     reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
-    for line, raw in reader(path, errors, warnings):
+    rows = _read_jsonl(path, errors, warnings, parse_jsonl) if kind == "jsonl" else reader(path, errors, warnings)
+    for line, raw in rows:
         if kind == "jsonl":  # checked line by line (jsonl_record)
             yield line, raw
             continue
@@ -203,16 +206,22 @@ def _strip_bom(text: str) -> str:
 # --- JSON Lines ---------------------------------------------------------------------
 
 
+def _numbered(lines: Iterable[bytes]) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, bytes) of each line, the BOM off the first."""
+    offset = 0
+    for lineno, raw in enumerate(lines, start=1):
+        start, offset = offset, offset + len(raw)
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw, start = raw[3:], start + 3
+        yield lineno, start, raw
+
+
 def jsonl_lines(path: Path, blank: list[int] | None = None) -> Iterator[tuple[int, int, bytes]]:
     """(line number, byte offset, bytes) of each non-blank line (the BOM off the first);
     blank line numbers go to ``blank``. Binary iteration splits on b"\n" only and has no
     line-length limit."""
-    offset = 0
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            start, offset = offset, offset + len(raw)
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw, start = raw[3:], start + 3
+        for lineno, start, raw in _numbered(f):
             if not raw.strip():
                 if blank is not None:
                     blank.append(lineno)
@@ -250,10 +259,11 @@ def jsonl_record(file: str, lineno: int, start: int, raw: bytes, errors: list[Da
     return obj
 
 
-def _read_jsonl(path: Path, errors: list[DataError], warnings: list[DataError]) -> Iterator[tuple[int, Any]]:
+def _read_jsonl(path: Path, errors: list[DataError], warnings: list[DataError], parse: bool = True
+                ) -> Iterator[tuple[int, Any]]:
     file, blank, n = str(path), [], 0
     for lineno, start, raw in jsonl_lines(path, blank):
-        obj = jsonl_record(file, lineno, start, raw, errors)
+        obj = jsonl_record(file, lineno, start, raw, errors) if parse else (start, raw)
         if obj is _NO_RECORD:
             continue
         n += 1
@@ -431,12 +441,8 @@ def _physical_lines(f) -> Iterator[bytes]:
 def _csv_lines(path: Path, errors: list[DataError]) -> Iterator[str]:
     """The file's lines, decoded one at a time (streamed: a large CSV is never held whole);
     an invalid byte is reported at its line and file offset, as for any file."""
-    offset = 0
     with path.open("rb") as f:
-        for lineno, raw in enumerate(_physical_lines(f), start=1):
-            start, offset = offset, offset + len(raw)
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw, start = raw[3:], start + 3
+        for lineno, start, raw in _numbered(_physical_lines(f)):
             yield _decode(raw, str(path), errors, line=lineno, base_offset=start)
 
 
